@@ -1,0 +1,112 @@
+"""The narrow interface DAC's stages are written against.
+
+A backend owns one diffusion model (UNet, text encoder, VAE, noise schedule) and knows how
+to attach LoRAs to it, set their strengths, compute the training loss and run a sampler.
+`dac_core.stages` holds the algorithm once; `DiffusersBackend` (here) and the ComfyUI
+backend (in the node pack) only translate. Timesteps are integers 0 .. 999 in training and
+noise-level fractions 0 (clean) .. 1 (pure noise) in sampling, so any sampler fits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .lora import LoRA
+
+UNET = "unet"
+# Names of text-encoder LoRAs: the visual transition Delta (Abduction-2) and the optional
+# frozen extra LoRA T fitted on the source prompt (DAC_SPEC.md, "complex images").
+TEXT_DELTA = "delta"
+TEXT_EXTRA = "extra"
+
+
+@dataclass
+class LatentDistribution:
+    """The VAE's posterior of the source image, kept so each step re-samples a latent
+    (the reference re-encodes the image every step; this is equivalent and cheaper)."""
+
+    mean: torch.Tensor  # [1, C, h, w], already multiplied by the VAE scaling factor
+    std: torch.Tensor
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn((batch_size, *self.mean.shape[1:]), generator=generator, dtype=torch.float32)
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
+
+
+class DACBackend(ABC):
+    num_train_timesteps: int = 1000
+    device: torch.device
+    native_side: int  # the model's native image side in pixels (512 for SD 1.5 / 2.1-base)
+    latent_factor: int  # pixels per latent pixel (8 for SD)
+    latent_channels: int  # 4 for SD 1.x / 2.x
+
+    # --- images and prompts -------------------------------------------------------------
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> LatentDistribution:
+        """[1, 3, H, W] in [-1, 1] -> the VAE posterior (scaled latents)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images [B, 3, H, W] in [-1, 1]."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder output with the text LoRAs attached at their current strengths.
+        Differentiable when a text LoRA is trainable and grad is enabled."""
+
+    @abstractmethod
+    def truncated_part(self, prompt: str) -> str:
+        """The part of `prompt` beyond the text encoder's token limit ("" if it fits)."""
+
+    # --- LoRAs --------------------------------------------------------------------------
+    @abstractmethod
+    def attach_lora(
+        self, name: str, lora: LoRA | None = None, rank: int | None = None, trainable: bool = False
+    ) -> list[torch.nn.Parameter]:
+        """Attach LoRA `name` (UNET, TEXT_DELTA or TEXT_EXTRA), replacing one of that name:
+        from `lora`'s weights, or fresh (Gaussian down, zero up) of `rank`. Returns the
+        trainable parameters (none unless `trainable`); the base weights never train."""
+
+    @abstractmethod
+    def detach_lora(self, name: str) -> None:
+        """Remove LoRA `name`; the model is as before it was attached."""
+
+    @abstractmethod
+    def export_lora(self, name: str) -> LoRA:
+        """The current weights of LoRA `name` (detached copies, kohya stems)."""
+
+    @abstractmethod
+    def set_lora_scale(self, name: str, scale: float | torch.Tensor) -> None:
+        """Strength of LoRA `name`: a number, or for UNET a per-sample tensor [B] that
+        applies to the next forward passes of a batch of B."""
+
+    # --- training and sampling ----------------------------------------------------------
+    @abstractmethod
+    def loss(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample diffusion loss [B]: MSE between the UNet's output on the noised
+        latents and its target (the noise, or the velocity for v-prediction models)."""
+
+    @abstractmethod
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int,
+        cfg: float,
+        unet_scale: Callable[[torch.Tensor], torch.Tensor],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise `noise` [B, C, h, w] (unit Gaussian) with classifier-free guidance.
+        Before every model call the UNet LoRA strength is set to unet_scale(fractions),
+        fractions [B] being the current noise level (0 clean .. 1 pure noise)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A short hash identifying the base model's weights."""

@@ -1,0 +1,266 @@
+"""The whole DAC edit with a work folder: abduct, abduct, sample, and keep what was learnt.
+
+The work folder holds the UNet LoRA, the text-encoder LoRA, the edited image(s) and a JSON
+record of every parameter. The UNet LoRA is named by a hash of what determines it (image,
+source prompt, base model, Abduction-1 settings), so a re-run with only a new target, eta,
+beta or sampling setting reuses it; the text-encoder LoRA likewise. An interrupted
+abduction leaves `*.partial.*` state that the next run continues from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .backend import DACBackend
+from .errors import DACError, NonFiniteLossError
+from .files import atomic_path
+from .image import fit_size, image_to_tensor, load_image, tensor_to_images, to_rgb
+from .lora import LoRA, load_lora, save_lora
+from .schedule import check_eta
+from .stages import TrainSettings, TrainState, abduct_text_lora, abduct_unet_lora, counterfactual_sample
+
+log = logging.getLogger("dac_core")
+
+# stage label -> callback(step_done, total, loss=None); steps are absolute (a resumed stage starts past 0)
+ProgressFactory = Callable[[str], Callable[..., None]]
+
+
+@dataclass
+class EditParams:
+    """Every parameter of an edit. Defaults are the reference code's (DAC_SPEC.md)."""
+
+    source: str
+    target: str
+    model: str = "stabilityai/stable-diffusion-2-1-base"
+    unet_steps: int = 1000
+    te_steps: int = 1000
+    unet_rank: int = 512
+    te_rank: int = 4
+    lr: float = 1e-4
+    eta: float = 0.8
+    beta: float = 1.0
+    negative: str = ""
+    sample_steps: int = 30
+    cfg: float = 4.0
+    seed: int = 29
+    num_images: int = 1
+    train_seed: int = 42
+    resolution: int | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def check(self) -> EditParams:
+        for name in ("unet_steps", "te_steps", "unet_rank", "te_rank", "sample_steps", "num_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DACError(f"{name} must be a positive integer, got {value!r}")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise DACError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DACError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("source", "target"):
+            if not getattr(self, name).strip():
+                raise DACError(f"{name} prompt is empty: give a caption, e.g. 'A cat.'")
+        try:
+            check_eta(self.eta)
+        except ValueError as e:
+            raise DACError(str(e)) from None
+        if not (math.isfinite(self.beta) and math.isfinite(self.cfg)):
+            raise DACError(f"beta and cfg must be finite numbers, got beta={self.beta}, cfg={self.cfg}")
+        return self
+
+
+@dataclass
+class EditResult:
+    images: list
+    image_paths: list[str]
+    unet_lora_path: str
+    text_lora_path: str
+    record_path: str
+    reused_unet: bool
+    reused_text: bool
+    unet_losses: list[float] = field(default_factory=list)
+    text_losses: list[float] = field(default_factory=list)
+
+
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _partial_paths(final: str) -> tuple[str, str]:
+    stem = final[: -len(".safetensors")]
+    return stem + ".partial.safetensors", stem + ".partial.pt"
+
+
+def _save_state(final: str, key: str, state: TrainState) -> None:
+    lora_path, state_path = _partial_paths(final)
+    with atomic_path(state_path) as tmp:
+        torch.save({"key": key, "step": state.step, "optimizer": state.optimizer,
+                    "generator": state.generator, "losses": state.losses}, tmp)
+    save_lora(state.lora, lora_path, {"dac.key": key, "dac.partial_step": str(state.step)})
+
+
+def _load_state(final: str, key: str) -> TrainState | None:
+    lora_path, state_path = _partial_paths(final)
+    if not (os.path.exists(lora_path) and os.path.exists(state_path)):
+        return None
+    try:
+        lora = load_lora(lora_path)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged partial state is discarded, never fatal
+        log.warning("ignoring unreadable partial state %s (%s); starting the stage afresh", lora_path, e)
+        return None
+    if state.get("key") != key or lora.metadata.get("dac.partial_step") != str(state.get("step")):
+        log.warning("ignoring partial state %s: it belongs to other settings; starting afresh", lora_path)
+        return None
+    return TrainState(state["step"], lora, state["optimizer"], state["generator"], list(state["losses"]))
+
+
+def _cached_stage(
+    label: str, final: str, key: str, train: Callable[[TrainState | None, Callable], object], progress: ProgressFactory | None
+) -> tuple[LoRA, list[float], bool]:
+    """Reuse `final` if it was made with `key`; else train (resuming partial state) and save."""
+    if os.path.exists(final):
+        try:
+            lora = load_lora(final)
+            if lora.metadata.get("dac.key") == key:
+                log.info("reusing %s from %s (same image, prompt, model and settings)", label, final)
+                return lora, json.loads(lora.metadata.get("dac.losses", "[]")), True
+        except DACError as e:
+            log.warning("%s; training it again", e)
+    resume = _load_state(final, key)
+    if resume is not None:
+        log.info("resuming %s from step %d of an interrupted run", label, resume.step)
+    callback = progress(label) if progress else None
+    try:
+        result = train(resume, lambda state: _save_state(final, key, state), callback)
+    except NonFiniteLossError as e:
+        lora_path, _ = _partial_paths(final)
+        where = (f"the last good state is kept in {lora_path}" if os.path.exists(lora_path)
+                 else "no checkpoint had been written yet")
+        raise NonFiniteLossError(f"{e}; {where}", e.step, lora_path) from None
+    save_lora(result.lora, final, {"dac.key": key})
+    for path in _partial_paths(final):
+        if os.path.exists(path):
+            os.remove(path)
+    return result.lora, result.losses, False
+
+
+def _png_info(record: dict, params: EditParams, seed: int):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("dac", json.dumps({**record, "seed": seed}, default=str))
+    info.add_text(
+        "parameters",
+        f"{params.target}\nNegative prompt: {params.negative}\nSteps: {params.sample_steps}, CFG scale: {params.cfg}, "
+        f"Seed: {seed}, DAC eta: {params.eta}, DAC beta: {params.beta}, Source prompt: {params.source}, "
+        f"Model: {os.path.basename(str(params.model))}, dac-edit {__version__}",
+    )
+    return info
+
+
+def _image_paths(base: str, count: int) -> list[str]:
+    if count == 1:
+        return [base]
+    stem, ext = os.path.splitext(base)
+    return [f"{stem}_{i}{ext or '.png'}" for i in range(count)]
+
+
+def edit(
+    image,
+    params: EditParams,
+    workdir: str | os.PathLike = "dac_work",
+    out: str | os.PathLike | None = None,
+    backend: DACBackend | None = None,
+    progress: ProgressFactory | None = None,
+    checkpoint_every: int = 100,
+) -> EditResult:
+    """Run a whole DAC edit of `image` (a path or a PIL image) and write it to `workdir`.
+
+    `backend` defaults to a `DiffusersBackend` of `params.model`. The edited image(s) go to
+    `workdir/edit.png` (edit_0.png ... for several) and, if given, to `out` as well.
+    """
+    params.check()
+    pil = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    workdir = os.fspath(workdir)
+    if backend is None:
+        from .diffusers_backend import DiffusersBackend
+
+        backend = DiffusersBackend.from_model(params.model, params.device, params.dtype)
+    size = fit_size(*pil.size, params.resolution or backend.native_side, 8)
+    pixels = image_to_tensor(pil, size)
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+
+    unet_settings = TrainSettings(params.unet_steps, params.lr, params.unet_rank, params.train_seed)
+    text_settings = TrainSettings(params.te_steps, params.lr, params.te_rank, params.train_seed)
+    unet_key = _key(
+        image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source,
+        model=backend.fingerprint(), settings=dataclasses.asdict(unet_settings), dtype=params.dtype,
+    )
+    text_key = _key(unet=unet_key, target=params.target, eta=params.eta, settings=dataclasses.asdict(text_settings))
+    unet_path = os.path.join(workdir, f"unet_lora-{unet_key[:12]}.safetensors")
+    text_path = os.path.join(workdir, f"text_lora-{text_key[:12]}.safetensors")
+
+    latents = backend.encode_image(pixels)
+    unet_lora, unet_losses, reused_unet = _cached_stage(
+        "UNet LoRA (Abduction-1)", unet_path, unet_key,
+        lambda resume, save, cb: abduct_unet_lora(
+            backend, latents, params.source, unet_settings, progress=cb, resume=resume, save_state=save,
+            checkpoint_every=checkpoint_every),
+        progress,
+    )
+    text_lora, text_losses, reused_text = _cached_stage(
+        "text-encoder LoRA (Abduction-2)", text_path, text_key,
+        lambda resume, save, cb: abduct_text_lora(
+            backend, latents, params.target, unet_lora, text_settings, eta=params.eta, progress=cb, resume=resume,
+            save_state=save, checkpoint_every=checkpoint_every),
+        progress,
+    )
+    sample_progress = progress("counterfactual sampling") if progress else None
+    images = tensor_to_images(
+        counterfactual_sample(
+            backend, params.target, unet_lora, text_lora, size, eta=params.eta, beta=params.beta,
+            negative_prompt=params.negative, steps=params.sample_steps, cfg=params.cfg, seed=params.seed,
+            num_images=params.num_images, progress=sample_progress,
+        )
+    )
+    record = {
+        "dac_version": __version__,
+        "params": dataclasses.asdict(params),
+        "image": os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<in memory>",
+        "size": list(size),
+        "base_model_fingerprint": backend.fingerprint(),
+        "prediction_type": getattr(backend, "prediction_type", None),
+        "unet_lora": os.path.abspath(unet_path),
+        "text_lora": os.path.abspath(text_path),
+        "reused_unet_lora": reused_unet,
+        "reused_text_lora": reused_text,
+        "final_loss": {"unet": unet_losses[-1] if unet_losses else None, "text": text_losses[-1] if text_losses else None},
+        "seconds": round(time.time() - t0, 2),
+        "device": str(backend.device),
+    }
+    paths = _image_paths(os.path.join(workdir, "edit.png"), len(images))
+    if out is not None:
+        paths += _image_paths(os.fspath(out), len(images))
+    for i, path in enumerate(paths):
+        img = images[i % len(images)]
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", pnginfo=_png_info(record, params, params.seed + i % len(images)))
+    record["images"] = [os.path.abspath(p) for p in paths]
+    record_path = os.path.join(workdir, "dac_edit.json")
+    with atomic_path(record_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+    return EditResult(images, paths, unet_path, text_path, record_path, reused_unet, reused_text, unet_losses, text_losses)

@@ -1,0 +1,74 @@
+"""Reading the source photo: any common mode, aspect ratio kept, sides multiples of 8."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from .errors import DACError
+
+
+def load_image(path: str | os.PathLike):
+    """Open an image file as 8-bit RGB. Grayscale, RGBA, palette and 16-bit are converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DACError(f"image {path!r} does not exist")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise DACError(f"image {path!r} is not a readable file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DACError(f"image {path!r} is not an image PIL can read (PNG, JPEG, WebP, ...): {e}") from None
+
+
+def to_rgb(img):
+    """8-bit RGB from any PIL mode; transparency is composited over white."""
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" and (img.mode.startswith("I;16") or arr.max() > 255) else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def fit_size(width: int, height: int, native_side: int, multiple: int = 8) -> tuple[int, int]:
+    """(w, h) with the photo's aspect ratio, about native_side**2 pixels, sides multiples of 8."""
+    scale = math.sqrt(native_side * native_side / (width * height))
+    w = max(multiple, round(width * scale / multiple) * multiple)
+    h = max(multiple, round(height * scale / multiple) * multiple)
+    return w, h
+
+
+def image_to_tensor(img, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (PIL bicubic, antialiased) to `size` = (w, h); return [1, 3, H, W] in [-1, 1]."""
+    from PIL import Image
+
+    img = to_rgb(img)
+    if img.size != tuple(size):
+        img = img.resize(tuple(size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_images(images: torch.Tensor) -> list:
+    """[B, 3, H, W] in [-1, 1] -> list of PIL RGB images."""
+    from PIL import Image
+
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in arr]

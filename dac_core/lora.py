@@ -1,0 +1,230 @@
+"""The one LoRA-format module: DAC's LoRAs in memory, on disk, and between naming schemes.
+
+In memory a `LoRA` maps kohya layer names ("stems") to (down, up, alpha):
+
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj
+
+and the delta a layer adds to its base weight W is  (alpha / rank) * up @ down.
+
+On disk it is a safetensors file in kohya naming (`<stem>.lora_down.weight`,
+`<stem>.lora_up.weight`, `<stem>.alpha`), which diffusers' `load_lora_weights`, ComfyUI's
+stock LoraLoader and A1111-style tools read. Reading also accepts diffusers/peft files
+(`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, the older
+`.lora.down.weight` / `.lora_linear_layer.down.weight`), e.g. the reference DAC code's
+`pytorch_lora_weights.safetensors`; a file without alphas gets alpha = rank (scale 1), as
+diffusers assumes.
+
+transformers 5.x dropped the `text_model` level of CLIPTextModel, so its module names read
+`encoder.layers.0...`; stems always carry `text_model_` so files match every other tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DACError
+from .files import atomic_path
+
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIX = "lora_te_"
+FORMAT_VERSION = "1"
+
+# kohya suffixes, then (down, up) suffix pairs of the diffusers/peft formats we read.
+_KOHYA = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_OTHER_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+)
+_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_PREFIX}
+
+
+def unet_stem(module_name: str) -> str:
+    """kohya stem of a diffusers UNet module name ("down_blocks.0.resnets.0.conv1")."""
+    return UNET_PREFIX + module_name.replace(".", "_")
+
+
+def text_encoder_stem(module_name: str) -> str:
+    """kohya stem of a CLIP text-encoder module name, with or without `text_model.`."""
+    if module_name.startswith("text_model."):
+        module_name = module_name[len("text_model.") :]
+    return TEXT_PREFIX + "text_model_" + module_name.replace(".", "_")
+
+
+@dataclass
+class LoRALayer:
+    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
+    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """(alpha / rank) * up @ down, shaped like the base weight."""
+        up, down = self.up.float(), self.down.float()
+        d = up.flatten(1) @ down.flatten(1)
+        if down.dim() == 4:
+            d = d.reshape(up.shape[0], *down.shape[1:])
+        return d * (self.alpha / self.rank)
+
+
+@dataclass
+class LoRA:
+    layers: dict[str, LoRALayer]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "LoRA"  # how errors name it, e.g. "LoRA file 'x.safetensors'"; not saved
+
+    def part(self, prefix: str) -> LoRA:
+        return LoRA({k: v for k, v in self.layers.items() if k.startswith(prefix)}, dict(self.metadata), self.source)
+
+    @property
+    def unet(self) -> LoRA:
+        return self.part(UNET_PREFIX)
+
+    @property
+    def text_encoder(self) -> LoRA:
+        return self.part(TEXT_PREFIX)
+
+    @property
+    def rank(self) -> int:
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    def num_parameters(self) -> int:
+        return sum(layer.down.numel() + layer.up.numel() for layer in self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def merge(*loras: LoRA) -> LoRA:
+    """One LoRA holding the layers of several (e.g. UNet + text encoder for one file)."""
+    layers: dict[str, LoRALayer] = {}
+    metadata: dict[str, str] = {}
+    for lora in loras:
+        layers.update(lora.layers)
+        metadata.update(lora.metadata)
+    return LoRA(layers, metadata)
+
+
+def to_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    sd = {}
+    for stem, layer in sorted(lora.layers.items()):
+        sd[stem + ".lora_down.weight"] = layer.down.detach().contiguous().cpu()
+        sd[stem + ".lora_up.weight"] = layer.up.detach().contiguous().cpu()
+        sd[stem + ".alpha"] = torch.tensor(float(layer.alpha))
+    return sd
+
+
+def save_lora(lora: LoRA, path: str | os.PathLike, metadata: dict | None = None) -> str:
+    """Write `lora` as a kohya-named safetensors file, atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    meta = {**lora.metadata, **(metadata or {})}
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta["ss_network_dim"] = str(lora.rank)
+    alphas = {layer.alpha for layer in lora.layers.values()}
+    meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "mixed"
+    meta["dac.format_version"] = FORMAT_VERSION
+    with atomic_path(path) as tmp:
+        save_file(to_state_dict(lora), tmp, metadata=meta)
+    return path
+
+
+def _stem_of(key_without_suffix: str) -> str | None:
+    for prefix, kohya_prefix in _PREFIXES.items():
+        if key_without_suffix.startswith(prefix):
+            module = key_without_suffix[len(prefix) :]
+            return unet_stem(module) if kohya_prefix == UNET_PREFIX else text_encoder_stem(module)
+    return None
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict") -> LoRA:
+    """Parse kohya or diffusers/peft keys into a LoRA. Keys of other kinds are an error."""
+    downs: dict[str, torch.Tensor] = {}
+    ups: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key.startswith((UNET_PREFIX, TEXT_PREFIX, "lora_te1_")):
+            stem = key.split(".", 1)[0].replace("lora_te1_", TEXT_PREFIX, 1)
+            if key.endswith(_KOHYA[0]):
+                downs[stem] = value
+            elif key.endswith(_KOHYA[1]):
+                ups[stem] = value
+            elif key.endswith(_KOHYA[2]):
+                alphas[stem] = float(value)
+            else:
+                unknown.append(key)
+            continue
+        for down_suffix, up_suffix in _OTHER_SUFFIXES:
+            if key.endswith(down_suffix) or key.endswith(up_suffix):
+                is_down = key.endswith(down_suffix)
+                stem = _stem_of(key[: -len(down_suffix if is_down else up_suffix)])
+                if stem is not None:
+                    (downs if is_down else ups)[stem] = value
+                    break
+        else:
+            if key.endswith(".alpha") and _stem_of(key[: -len(".alpha")]):
+                alphas[_stem_of(key[: -len(".alpha")])] = float(value)
+            else:
+                unknown.append(key)
+    if unknown:
+        raise DACError(
+            f"{source}: key {unknown[0]!r} is not a LoRA key this reader knows "
+            "(kohya lora_unet_/lora_te_ keys or diffusers unet./text_encoder. lora_A/lora_B keys)"
+        )
+    if not downs:
+        raise DACError(f"{source} holds no LoRA layers")
+    layers = {}
+    for stem in sorted(downs):
+        if stem not in ups:
+            raise DACError(f"{source}: layer {stem} has a down weight but no up weight")
+        down, up = downs[stem], ups[stem]
+        layers[stem] = LoRALayer(down, up, alphas.get(stem, float(down.shape[0])))
+    return LoRA(layers)
+
+
+def load_lora(path: str | os.PathLike) -> LoRA:
+    """Read a LoRA file (kohya or diffusers/peft naming) with its metadata."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DACError(f"LoRA file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+        raise DACError(f"LoRA file {path!r} is not a readable safetensors file ({e})") from None
+    source = f"LoRA file {path!r}"
+    lora = from_state_dict(sd, source=source)
+    lora.metadata, lora.source = metadata, source
+    return lora
+
+
+def check_fits(lora: LoRA, weight_shapes: dict[str, torch.Size], source: str) -> None:
+    """Raise a DACError naming `source` and the first layer of `lora` that does not fit.
+
+    `weight_shapes` maps each stem the model offers to its base weight's shape.
+    """
+    for stem, layer in lora.layers.items():
+        if stem not in weight_shapes:
+            raise DACError(f"{source} does not fit this model: it has layer {stem}, which the model lacks")
+        shape = tuple(weight_shapes[stem])
+        want_down = (layer.rank, shape[1], *shape[2:])
+        want_up = (shape[0], layer.rank, *((1, 1) if len(shape) == 4 else ()))
+        if tuple(layer.down.shape) != want_down or tuple(layer.up.shape) != want_up:
+            raise DACError(
+                f"{source} does not fit this model: layer {stem} has down {tuple(layer.down.shape)} / "
+                f"up {tuple(layer.up.shape)}, the model's weight there is {shape}"
+            )

@@ -1,0 +1,301 @@
+"""DAC's three stages, written once against `DACBackend`.
+
+    Abduction-1   U     = argmin || G(P,  U, Delta = 0) - I ||      abduct_unet_lora
+    Abduction-2   Delta = argmin || G(P', U, Delta)     - I ||      abduct_text_lora
+                  (U frozen, at strength gamma(t))
+    Prediction    I'    = G(P', U at gamma(t), -beta * Delta)       counterfactual_sample
+
+Both abductions share `_fit`: plain noise-prediction MSE (velocity for v-models),
+timesteps uniform in [0, 1000), fresh noise each step, AdamW (betas 0.9/0.999, weight
+decay 1e-2, eps 1e-8), constant learning rate, grad-norm clip 1.0, one seeded generator
+for everything random so a run is reproducible bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
+from .errors import DACError, NonFiniteLossError, StopTraining
+from .lora import LoRA
+from .schedule import check_eta, gamma, gamma_at_fraction
+
+log = logging.getLogger("dac_core")
+
+Progress = Callable[[int, int, float], None]  # (step done, total, loss); may raise StopTraining
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One abduction's optimisation settings (reference defaults; rank differs per stage)."""
+
+    steps: int = 1000
+    lr: float = 1e-4
+    rank: int = 4
+    seed: int = 42
+    batch_size: int = 1
+
+    def check(self, stage: str) -> TrainSettings:
+        for name in ("steps", "rank", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DACError(f"{stage} {name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise DACError(f"{stage} learning rate must be a positive number, got {self.lr!r}")
+        return self
+
+
+UNET_SETTINGS = TrainSettings(rank=512)
+TEXT_SETTINGS = TrainSettings(rank=4)
+
+# AdamW and clipping exactly as the reference scripts.
+ADAM_BETAS = (0.9, 0.999)
+WEIGHT_DECAY = 1e-2
+ADAM_EPS = 1e-8
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class TrainState:
+    """Where an interrupted abduction stopped: enough to continue it exactly."""
+
+    step: int
+    lora: LoRA
+    optimizer: dict
+    generator: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StageResult:
+    lora: LoRA
+    losses: list[float]
+
+
+def check_prompt(backend: DACBackend, prompt: str, what: str) -> str:
+    """An empty prompt is an error; one over the token limit is cut, with a warning."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DACError(f"{what} is empty: give a caption of the image, e.g. 'A cat.'")
+    cut = backend.truncated_part(prompt)
+    if cut:
+        log.warning("%s is longer than the text encoder's 77-token limit; this part was cut: %r", what, cut)
+    return prompt
+
+
+def _metadata(backend: DACBackend, stage: str, prompt: str, s: TrainSettings, losses, **extra) -> dict:
+    return {
+        "dac.stage": stage,
+        "dac.prompt": prompt,
+        "dac.rank": str(s.rank),
+        "dac.steps": str(s.steps),
+        "dac.lr": repr(s.lr),
+        "dac.seed": str(s.seed),
+        "dac.batch_size": str(s.batch_size),
+        "dac.base_model_fingerprint": backend.fingerprint(),
+        "dac.version": __version__,
+        "dac.losses": [round(v, 6) for v in losses],
+        **{f"dac.{k}": str(v) for k, v in extra.items()},
+    }
+
+
+def _fit(
+    backend: DACBackend,
+    stage: str,
+    name: str,
+    params: list[torch.nn.Parameter],
+    latents: LatentDistribution,
+    cond_fn: Callable[[], torch.Tensor],
+    unet_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    s: TrainSettings,
+    progress: Progress | None,
+    resume: TrainState | None,
+    save_state: Callable[[TrainState], None] | None,
+    checkpoint_every: int,
+) -> list[float]:
+    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+    generator = torch.Generator().manual_seed(s.seed)
+    losses: list[float] = []
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        losses = list(resume.losses)
+    done, rng_at_done = len(losses), generator.get_state()
+
+    def state() -> TrainState:
+        return TrainState(done, backend.export_lora(name), optimizer.state_dict(), rng_at_done, list(losses))
+
+    device = backend.device
+    try:
+        while done < s.steps:
+            x0 = latents.sample(s.batch_size, generator)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            t = torch.randint(0, backend.num_train_timesteps, (s.batch_size,), generator=generator)
+            if unet_scale_fn is not None:
+                backend.set_lora_scale(UNET, unet_scale_fn(t).to(device))
+            loss = backend.loss(x0, noise, t.to(device), cond_fn()).mean()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{stage}: the loss became {value} at step {done + 1} of {s.steps}; the stage was stopped "
+                    f"(try a lower learning rate than {s.lr:g})",
+                    step=done + 1,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            losses.append(value)
+            done, rng_at_done = done + 1, generator.get_state()
+            if save_state is not None and done % checkpoint_every == 0 and done < s.steps:
+                save_state(state())
+            if progress is not None:
+                progress(done, s.steps, value)
+    except (KeyboardInterrupt, StopTraining):
+        if save_state is not None and done > (resume.step if resume else 0):
+            save_state(state())
+        raise
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.requires_grad_(False)
+    return losses
+
+
+def abduct_unet_lora(
+    backend: DACBackend,
+    latents: LatentDistribution,
+    source_prompt: str,
+    settings: TrainSettings = UNET_SETTINGS,
+    *,
+    init: LoRA | None = None,
+    progress: Progress | None = None,
+    resume: TrainState | None = None,
+    save_state: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 100,
+) -> StageResult:
+    """Abduction-1: over-fit a UNet LoRA U so that the source prompt reproduces the image.
+
+    The text encoder runs without LoRAs and once (its output is frozen); only U trains.
+    `init` continues from an earlier UNet LoRA; `resume` from an interrupted run.
+    """
+    settings.check("UNet LoRA")
+    check_prompt(backend, source_prompt, "source prompt")
+    for other in (TEXT_DELTA, TEXT_EXTRA):
+        backend.detach_lora(other)
+    with torch.no_grad():
+        cond = backend.encode_prompts([source_prompt] * settings.batch_size)
+    start = resume.lora if resume is not None else init
+    params = backend.attach_lora(UNET, start, rank=settings.rank, trainable=True)
+    backend.set_lora_scale(UNET, 1.0)
+    losses = _fit(
+        backend, "Abduction-1 (UNet LoRA)", UNET, params, latents, lambda: cond, None,
+        settings, progress, resume, save_state, checkpoint_every,
+    )
+    lora = backend.export_lora(UNET)
+    lora.metadata = _metadata(backend, "unet", source_prompt, settings, losses)
+    return StageResult(lora, losses)
+
+
+def abduct_text_lora(
+    backend: DACBackend,
+    latents: LatentDistribution,
+    prompt: str,
+    unet_lora: LoRA,
+    settings: TrainSettings = TEXT_SETTINGS,
+    *,
+    eta: float = 0.8,
+    extra_text_lora: LoRA | None = None,
+    name: str = TEXT_DELTA,
+    progress: Progress | None = None,
+    resume: TrainState | None = None,
+    save_state: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 100,
+) -> StageResult:
+    """Abduction-2: fit a text-encoder LoRA so that `prompt` (the target) plus it reproduces
+    the image through the frozen UNet LoRA U, whose strength follows gamma(t) per sample.
+
+    `extra_text_lora` is the optional frozen LoRA T, active at +1. To fit T itself, call
+    this with the source prompt and name=TEXT_EXTRA.
+    """
+    settings.check("text-encoder LoRA")
+    check_eta(eta)
+    check_prompt(backend, prompt, "target prompt" if name == TEXT_DELTA else "source prompt")
+    backend.attach_lora(UNET, unet_lora, trainable=False)
+    for other in (TEXT_DELTA, TEXT_EXTRA):
+        backend.detach_lora(other)
+    if extra_text_lora is not None and name != TEXT_EXTRA:
+        backend.attach_lora(TEXT_EXTRA, extra_text_lora, trainable=False)
+        backend.set_lora_scale(TEXT_EXTRA, 1.0)
+    start = resume.lora if resume is not None else None
+    params = backend.attach_lora(name, start, rank=settings.rank, trainable=True)
+    backend.set_lora_scale(name, 1.0)
+    prompts = [prompt] * settings.batch_size
+    losses = _fit(
+        backend, "Abduction-2 (text-encoder LoRA)", name, params, latents,
+        lambda: backend.encode_prompts(prompts), lambda t: gamma(t, eta),
+        settings, progress, resume, save_state, checkpoint_every,
+    )
+    lora = backend.export_lora(name)
+    lora.metadata = _metadata(backend, "text" if name == TEXT_DELTA else "extra_text", prompt, settings, losses, eta=eta)
+    return StageResult(lora, losses)
+
+
+def counterfactual_sample(
+    backend: DACBackend,
+    target_prompt: str,
+    unet_lora: LoRA | None,
+    text_lora: LoRA | None,
+    size: tuple[int, int],
+    *,
+    extra_text_lora: LoRA | None = None,
+    eta: float = 0.8,
+    beta: float = 1.0,
+    negative_prompt: str = "",
+    steps: int = 30,
+    cfg: float = 4.0,
+    seed: int = 29,
+    num_images: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Prediction: sample the target prompt from pure noise with U at gamma(t) every step
+    and the text-encoder LoRA at -beta (prompt and negative prompt alike).
+
+    Image i of `num_images` uses seed + i, so each candidate can be reproduced alone.
+    Returns images [K, 3, H, W] in [-1, 1] of `size` = (width, height).
+    """
+    check_eta(eta)
+    check_prompt(backend, target_prompt, "target prompt")
+    for what, value in (("sampling steps", steps), ("number of images", num_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise DACError(f"{what} must be a positive integer, got {value!r}")
+    if not math.isfinite(beta) or not math.isfinite(cfg):
+        raise DACError(f"beta and cfg must be finite numbers, got beta={beta}, cfg={cfg}")
+    if negative_prompt:
+        check_prompt(backend, negative_prompt, "negative prompt")
+    if unet_lora is not None:
+        backend.attach_lora(UNET, unet_lora, trainable=False)
+    else:
+        backend.detach_lora(UNET)
+    for name, lora, scale in ((TEXT_DELTA, text_lora, -beta), (TEXT_EXTRA, extra_text_lora, 1.0)):
+        if lora is None:
+            backend.detach_lora(name)
+        else:
+            backend.attach_lora(name, lora, trainable=False)
+            backend.set_lora_scale(name, scale)
+    w, h = size
+    f = backend.latent_factor
+    with torch.no_grad():
+        cond = backend.encode_prompts([target_prompt] * num_images)
+        uncond = backend.encode_prompts([negative_prompt] * num_images)
+        noise = torch.cat(
+            [torch.randn((1, backend.latent_channels, h // f, w // f), generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)]
+        ).to(backend.device)
+        schedule = (lambda frac: gamma_at_fraction(frac, eta)) if unet_lora is not None else (lambda frac: torch.ones_like(frac))
+        latents = backend.sample(cond, uncond, noise, steps, cfg, schedule, progress)
+        return backend.decode_latents(latents)
