@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=_eta, default=0.8,
                    help="annealing: UNet LoRA strength at pure noise, in (0, 1] (default 0.8); lower: more "
                         "editable, less faithful (paper: 0.4-0.8)")
+    g.add_argument("--unet-lora", default=None,
+                   help="use this UNet LoRA file (kohya or diffusers format) instead of running Abduction-1")
+    g.add_argument("--text-lora", default=None,
+                   help="use this text-encoder LoRA file instead of running Abduction-2")
     s = p.add_argument_group("counterfactual sampling")
     s.add_argument("--beta", type=_finite, default=1.0,
                    help="edit strength: the text-encoder LoRA is applied at -beta (default 1; -1 reconstructs "
@@ -206,7 +210,7 @@ def _run(args) -> int:
         unet_steps=args.unet_steps, te_steps=args.te_steps, unet_rank=args.unet_rank, te_rank=args.te_rank,
         lr=args.lr, eta=args.eta, beta=args.beta, negative=args.negative, sample_steps=args.sample_steps,
         cfg=args.cfg, seed=args.seed, num_images=args.num_images, resolution=args.resolution,
-        device=args.device, dtype=args.dtype,
+        unet_lora=args.unet_lora, text_lora=args.text_lora, device=args.device, dtype=args.dtype,
     )
     result = edit(image, params, workdir=args.workdir, out=args.out, progress=_Progress)
     for path in result.image_paths:

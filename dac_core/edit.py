@@ -57,6 +57,8 @@ class EditParams:
     num_images: int = 1
     train_seed: int = 42
     resolution: int | None = None
+    unet_lora: str | None = None
+    text_lora: str | None = None
     device: str = "auto"
     dtype: str = "float32"
 
@@ -157,6 +159,17 @@ def _cached_stage(
     return result.lora, result.losses, False
 
 
+def _given_lora(path: str, backend: DACBackend, what: str) -> LoRA:
+    """A LoRA file the user supplied instead of running an abduction."""
+    lora = load_lora(path)
+    made_on = lora.metadata.get("dac.base_model_fingerprint")
+    if made_on and made_on != backend.fingerprint():
+        log.warning("%s %s was made on another base model (fingerprint %s, this model %s)", what, path, made_on,
+                    backend.fingerprint())
+    log.info("using the given %s %s (its abduction is skipped)", what, path)
+    return lora
+
+
 def _png_info(record: dict, params: EditParams, seed: int):
     from PIL.PngImagePlugin import PngInfo
 
@@ -210,25 +223,34 @@ def edit(
         image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source,
         model=backend.fingerprint(), settings=dataclasses.asdict(unet_settings), dtype=params.dtype,
     )
-    text_key = _key(unet=unet_key, target=params.target, eta=params.eta, settings=dataclasses.asdict(text_settings))
     unet_path = os.path.join(workdir, f"unet_lora-{unet_key[:12]}.safetensors")
-    text_path = os.path.join(workdir, f"text_lora-{text_key[:12]}.safetensors")
 
     latents = backend.encode_image(pixels)
-    unet_lora, unet_losses, reused_unet = _cached_stage(
-        "UNet LoRA (Abduction-1)", unet_path, unet_key,
-        lambda resume, save, cb: abduct_unet_lora(
-            backend, latents, params.source, unet_settings, progress=cb, resume=resume, save_state=save,
-            checkpoint_every=checkpoint_every),
-        progress,
-    )
-    text_lora, text_losses, reused_text = _cached_stage(
-        "text-encoder LoRA (Abduction-2)", text_path, text_key,
-        lambda resume, save, cb: abduct_text_lora(
-            backend, latents, params.target, unet_lora, text_settings, eta=params.eta, progress=cb, resume=resume,
-            save_state=save, checkpoint_every=checkpoint_every),
-        progress,
-    )
+    if params.unet_lora:
+        unet_lora, unet_losses, reused_unet = _given_lora(params.unet_lora, backend, "UNet LoRA"), [], True
+        unet_key = _key(given=hashlib.sha256(open(params.unet_lora, "rb").read()).hexdigest())
+        unet_path = params.unet_lora
+    else:
+        unet_lora, unet_losses, reused_unet = _cached_stage(
+            "UNet LoRA (Abduction-1)", unet_path, unet_key,
+            lambda resume, save, cb: abduct_unet_lora(
+                backend, latents, params.source, unet_settings, progress=cb, resume=resume, save_state=save,
+                checkpoint_every=checkpoint_every),
+            progress,
+        )
+    if params.text_lora:
+        text_lora, text_losses, reused_text = _given_lora(params.text_lora, backend, "text-encoder LoRA"), [], True
+        text_path = params.text_lora
+    else:
+        text_key = _key(unet=unet_key, target=params.target, eta=params.eta, settings=dataclasses.asdict(text_settings))
+        text_path = os.path.join(workdir, f"text_lora-{text_key[:12]}.safetensors")
+        text_lora, text_losses, reused_text = _cached_stage(
+            "text-encoder LoRA (Abduction-2)", text_path, text_key,
+            lambda resume, save, cb: abduct_text_lora(
+                backend, latents, params.target, unet_lora, text_settings, eta=params.eta, progress=cb,
+                resume=resume, save_state=save, checkpoint_every=checkpoint_every),
+            progress,
+        )
     sample_progress = progress("counterfactual sampling") if progress else None
     images = tensor_to_images(
         counterfactual_sample(

@@ -78,6 +78,14 @@ class StageResult:
     losses: list[float]
 
 
+def _fresh_lora(backend: DACBackend, name: str, start: LoRA | None, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """Attach LoRA `name` as trainable; a fresh one's random init is drawn from `seed`."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return backend.attach_lora(name, start, rank=rank, trainable=True)
+
+
 def check_prompt(backend: DACBackend, prompt: str, what: str) -> str:
     """An empty prompt is an error; one over the token limit is cut, with a warning."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -191,7 +199,7 @@ def abduct_unet_lora(
     with torch.no_grad():
         cond = backend.encode_prompts([source_prompt] * settings.batch_size)
     start = resume.lora if resume is not None else init
-    params = backend.attach_lora(UNET, start, rank=settings.rank, trainable=True)
+    params = _fresh_lora(backend, UNET, start, settings.rank, settings.seed)
     backend.set_lora_scale(UNET, 1.0)
     losses = _fit(
         backend, "Abduction-1 (UNet LoRA)", UNET, params, latents, lambda: cond, None,
@@ -233,7 +241,7 @@ def abduct_text_lora(
         backend.attach_lora(TEXT_EXTRA, extra_text_lora, trainable=False)
         backend.set_lora_scale(TEXT_EXTRA, 1.0)
     start = resume.lora if resume is not None else None
-    params = backend.attach_lora(name, start, rank=settings.rank, trainable=True)
+    params = _fresh_lora(backend, name, start, settings.rank, settings.seed)
     backend.set_lora_scale(name, 1.0)
     prompts = [prompt] * settings.batch_size
     losses = _fit(

@@ -1,0 +1,167 @@
+"""The LoRA file format: kohya naming out, kohya and diffusers/peft naming in."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dac_core import lora as L
+from dac_core import stages
+from dac_core.backend import TEXT_DELTA, UNET
+from dac_core.errors import DACError
+from dac_core.stages import TrainSettings
+from dac_core.tiny import tiny_pipeline
+
+
+@pytest.fixture
+def trained(make_backend, latents):
+    """A backend with a trained UNet LoRA and text-encoder LoRA (both active at +1)."""
+    be = make_backend("sd1")
+    lat = be.encode_image(latents)
+    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=15, lr=1e-2, rank=4)).lora
+    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=15, lr=1e-2), eta=0.8).lora
+    be.set_lora_scale(UNET, 1.0)
+    be.set_lora_scale(TEXT_DELTA, 1.0)
+    return be, u, d
+
+
+def outputs(unet, text_encoder, tokenizer):
+    """UNet noise prediction and text embedding on fixed inputs."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = text_encoder(ids)[0]
+        return unet(x, torch.tensor([500]), emb).sample, emb
+
+
+def test_saved_file_uses_kohya_names_and_records_metadata(trained, tmp_path):
+    be, u, d = trained
+    path = L.save_lora(L.merge(u, d), tmp_path / "edit.safetensors")
+    with safe_open(path, framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert meta["dac.stage"] in ("unet", "text") and meta["dac.version"]
+    assert meta["dac.base_model_fingerprint"] == be.fingerprint()
+    assert meta["dac.eta"] == "0.8" and meta["dac.prompt"] == "a red disc with a hat"
+    assert meta["ss_network_dim"] == "4"
+
+
+def test_round_trip_gives_identical_outputs(trained, tmp_path, make_backend):
+    be, u, d = trained
+    expected = outputs(be.unet, be.text_encoder, be.tokenizer)
+    path = L.save_lora(L.merge(u, d), tmp_path / "both.safetensors")
+    loaded = L.load_lora(path)
+    fresh = make_backend("sd1")
+    fresh.attach_lora(UNET, loaded)
+    fresh.attach_lora(TEXT_DELTA, loaded)
+    got = outputs(fresh.unet, fresh.text_encoder, fresh.tokenizer)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_diffusers_load_lora_weights_reads_our_file(trained, tmp_path):
+    be, u, d = trained
+    expected = outputs(be.unet, be.text_encoder, be.tokenizer)
+    L.save_lora(L.merge(u, d), tmp_path / "dac.safetensors")
+    pipe = tiny_pipeline("sd1")
+    pipe.load_lora_weights(str(tmp_path), weight_name="dac.safetensors")
+    n_unet = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+    n_text = sum(1 for n, _ in pipe.text_encoder.named_modules() if n.endswith("lora_A"))
+    assert (n_unet, n_text) == (len(u), len(d))
+    got = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert torch.allclose(got[1], expected[1], atol=1e-5)
+    assert torch.allclose(got[0], expected[0], atol=1e-5)
+
+
+def test_reference_peft_format_file_loads(trained, tmp_path, make_backend):
+    """The reference code saves `pytorch_lora_weights.safetensors` via diffusers + peft."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    be, u, d = trained
+    expected = outputs(be.unet, be.text_encoder, be.tokenizer)
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=get_peft_model_state_dict(be.unet, adapter_name=UNET),
+        text_encoder_lora_layers=get_peft_model_state_dict(be.text_encoder, adapter_name=TEXT_DELTA),
+        safe_serialization=True,
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(path, framework="pt") as f:
+        assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in f.keys())
+    loaded = L.load_lora(path)
+    assert len(loaded.unet) == len(u) and len(loaded.text_encoder) == len(d)
+    fresh = make_backend("sd1")
+    fresh.attach_lora(UNET, loaded)
+    fresh.attach_lora(TEXT_DELTA, loaded)
+    got = outputs(fresh.unet, fresh.text_encoder, fresh.tokenizer)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_transformers4_and_5_text_encoder_names_meet():
+    assert L.text_encoder_stem("encoder.layers.3.self_attn.q_proj") == \
+        L.text_encoder_stem("text_model.encoder.layers.3.self_attn.q_proj") == \
+        "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
+    sd = {"text_encoder.encoder.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(2, 8),
+          "text_encoder.encoder.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(8, 2)}
+    assert list(L.from_state_dict(sd).layers) == ["lora_te_text_model_encoder_layers_0_self_attn_k_proj"]
+
+
+def test_shape_mismatch_names_file_and_first_layer(trained, tmp_path, make_backend):
+    be, u, d = trained
+    stem = sorted(u.layers)[0]
+    bad = L.LoRA(dict(u.layers))
+    bad.layers[stem] = L.LoRALayer(torch.zeros(4, 7), torch.zeros(5, 4), 4.0)
+    path = L.save_lora(bad, tmp_path / "other_model.safetensors")
+    with pytest.raises(DACError, match=rf"LoRA file '.*other_model.safetensors' does not fit this model: layer {stem}"):
+        make_backend("sd1").attach_lora(UNET, L.load_lora(path))
+    extra = L.LoRA({"lora_unet_no_such_block_conv": L.LoRALayer(torch.zeros(4, 3), torch.zeros(3, 4), 4.0)})
+    path = L.save_lora(extra, tmp_path / "foreign.safetensors")
+    with pytest.raises(DACError, match="foreign.safetensors' does not fit this model: it has layer lora_unet_no_such"):
+        make_backend("sd1").attach_lora(UNET, L.load_lora(path))
+
+
+def test_text_lora_given_as_unet_lora(trained, tmp_path, make_backend):
+    _, _, d = trained
+    path = L.save_lora(d, tmp_path / "text.safetensors")
+    with pytest.raises(DACError, match="text.safetensors' is not a UNet LoRA: it holds text-encoder layers only"):
+        make_backend("sd1").attach_lora(UNET, L.load_lora(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is not safetensors", b"\xff" * 8 + b"{}"])
+def test_corrupt_file_is_named(tmp_path, content):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(DACError, match=r"LoRA file '.*broken.safetensors' is not a readable safetensors file"):
+        L.load_lora(path)
+
+
+def test_truncated_file_is_named(trained, tmp_path):
+    _, u, _ = trained
+    path = L.save_lora(u, tmp_path / "cut.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DACError, match="is not a readable safetensors file"):
+        L.load_lora(path)
+
+
+def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
+    _, u, d = trained
+    path = L.save_lora(u, tmp_path / "keep.safetensors")
+    before = open(path, "rb").read()
+
+    def broken_save(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError):
+        L.save_lora(d, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["keep.safetensors"]
