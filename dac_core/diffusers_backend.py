@@ -71,7 +71,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
             if not model.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
                 raise DACError(f"model file {model!r} is not a .safetensors or .ckpt checkpoint")
             return StableDiffusionPipeline.from_single_file(model, **kwargs)
-        if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an "org/name" hub id
             raise DACError(f"model {model!r} does not exist (expected a diffusers folder, a checkpoint file or a hub id)")
         return StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except DACError:

@@ -228,7 +228,8 @@ def edit(
     latents = backend.encode_image(pixels)
     if params.unet_lora:
         unet_lora, unet_losses, reused_unet = _given_lora(params.unet_lora, backend, "UNet LoRA"), [], True
-        unet_key = _key(given=hashlib.sha256(open(params.unet_lora, "rb").read()).hexdigest())
+        with open(params.unet_lora, "rb") as f:
+            unet_key = _key(given=hashlib.sha256(f.read()).hexdigest())
         unet_path = params.unet_lora
     else:
         unet_lora, unet_losses, reused_unet = _cached_stage(
