@@ -20,15 +20,10 @@ import torch.nn.functional as F
 
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
 from .errors import DACError
-from .lora import LoRA, LoRALayer, check_fits, text_encoder_stem, unet_stem
+from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, LoRALayer, check_fits, text_encoder_stem, unet_stem
 
 log = logging.getLogger("dac_core")
 
-UNET_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"  # the paper's model
@@ -202,7 +197,7 @@ class DiffusersBackend(DACBackend):
             if rank is None:
                 raise ValueError("attach_lora needs a LoRA or a rank")
             config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=UNET_TARGETS if name == UNET else TEXT_TARGETS)
+                                target_modules=list(UNET_TARGETS if name == UNET else TEXT_TARGETS))
         with warnings.catch_warnings():  # a second adapter on one model is intended here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             inject_adapter_in_model(config, model, adapter_name=name)

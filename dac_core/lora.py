@@ -44,6 +44,25 @@ _OTHER_SUFFIXES = (
 _PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_PREFIX}
 
 
+# The layers DAC's LoRAs target (reference code), as diffusers module-name suffixes.
+UNET_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_UNET_BLOCKS = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
+
+
+def is_unet_target(stem: str) -> bool:
+    """Whether a diffusers-named UNet stem is one of DAC's UNet LoRA layers."""
+    return stem.startswith(_UNET_BLOCKS) and stem.endswith(tuple("_" + t.replace(".", "_") for t in UNET_TARGETS))
+
+
+def is_text_target(stem: str) -> bool:
+    return stem.startswith(TEXT_PREFIX + "text_model_encoder_layers_") and stem.endswith(
+        tuple("_self_attn_" + t for t in TEXT_TARGETS))
+
+
 def unet_stem(module_name: str) -> str:
     """kohya stem of a diffusers UNet module name ("down_blocks.0.resnets.0.conv1")."""
     return UNET_PREFIX + module_name.replace(".", "_")

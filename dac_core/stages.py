@@ -270,12 +270,14 @@ def counterfactual_sample(
     seed: int = 29,
     num_images: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    decode: bool = True,
 ) -> torch.Tensor:
     """Prediction: sample the target prompt from pure noise with U at gamma(t) every step
     and the text-encoder LoRA at -beta (prompt and negative prompt alike).
 
     Image i of `num_images` uses seed + i, so each candidate can be reproduced alone.
-    Returns images [K, 3, H, W] in [-1, 1] of `size` = (width, height).
+    Returns images [K, 3, H, W] in [-1, 1] of `size` = (width, height), or with
+    decode=False the backend's latents.
     """
     check_eta(eta)
     check_prompt(backend, target_prompt, "target prompt")
@@ -306,4 +308,4 @@ def counterfactual_sample(
         ).to(backend.device)
         schedule = (lambda frac: gamma_at_fraction(frac, eta)) if unet_lora is not None else (lambda frac: torch.ones_like(frac))
         latents = backend.sample(cond, uncond, noise, steps, cfg, schedule, progress)
-        return backend.decode_latents(latents)
+        return backend.decode_latents(latents) if decode else latents

@@ -26,7 +26,7 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32,
     attention_head_dim=8,
-    norm_num_groups=8,
+    norm_num_groups=32,  # ComfyUI's UNet has 32 groups everywhere: the same weights load in both
 )
 VAE_CONFIG = dict(
     in_channels=3,

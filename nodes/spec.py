@@ -1,0 +1,182 @@
+"""What each DAC node looks like to ComfyUI: ids, names, inputs, outputs, tooltips.
+
+Plain data, importable without ComfyUI, so the test suite checks the schemas and the
+example workflows in CI; `nodes.dac_nodes` turns each entry into a V3 `io.Schema`.
+Sampler and scheduler lists are filled in from ComfyUI at load time ("COMBO" with
+options=None below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CATEGORY = "DAC"
+DAC_LORA = "DAC_LORA"  # a dac_core.lora.LoRA: UNet or text-encoder layers with DAC metadata
+LOSS_MAP = "LOSS_MAP"  # ComfyUI's own loss-history type ({"loss": [...]}), plotted by its Plot Loss Graph node
+
+
+@dataclass(frozen=True)
+class In:
+    name: str
+    type: str
+    tooltip: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    optional: bool = False
+    multiline: bool = False
+    options: tuple | None = None  # COMBO choices; None: filled from ComfyUI
+    control_after_generate: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+@dataclass(frozen=True)
+class Out:
+    name: str
+    type: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    display_name: str
+    description: str
+    inputs: tuple[In, ...]
+    outputs: tuple[Out, ...]
+    output_node: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+_MODEL = In("model", "MODEL", "The base diffusion model (SD 1.x or 2.x checkpoint). It is never modified.")
+_CLIP = In("clip", "CLIP", "The checkpoint's text encoder. It is never modified.")
+_VAE = In("vae", "VAE", "Encodes the source photo into latents.")
+_IMAGE = In("image", "IMAGE", "The one photo to edit (a batch of one image).")
+_UNET_LORA = In("unet_lora", DAC_LORA, "The UNet LoRA from Abduct UNet LoRA (or Load DAC LoRA).")
+_TEXT_LORA = In("text_lora", DAC_LORA, "The text-encoder LoRA from Abduct Text-Encoder LoRA (or Load DAC LoRA).")
+_EXTRA = In("extra_text_lora", DAC_LORA, "Optional frozen extra text-encoder LoRA T fitted on the source prompt, for "
+            "complex photos whose content would leak into the edit (kept at +1).", optional=True)
+_ETA = In("eta", "FLOAT", "Annealing: the UNet LoRA's strength at pure noise, rising to 1 at the clean end. Lower "
+          "makes the edit easier but less faithful (paper: 0.4-0.8).", 0.8, 0.01, 1.0, 0.01)
+_SEED_TRAIN = In("seed", "INT", "Seed of the training noise, timesteps and LoRA init.", 42, 0, 2**63 - 1,
+                 control_after_generate=True)
+_LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant, grad-norm clip 1).", 1e-4, 1e-7, 1.0, 1e-5)
+_DTYPE = In("training_dtype", "COMBO", "Compute dtype while training; LoRA weights stay float32. bf16/fp16 save "
+            "memory and time on a GPU.", "fp32", options=("fp32", "bf16", "fp16"))
+_CHECKPOINTING = In("gradient_checkpointing", "BOOLEAN", "Recompute activations in the backward pass: less memory, "
+                    "about 30% slower.", False)
+_PREVIEW = In("preview_every", "INT", "Show a reconstruction preview every N steps (0: never).", 100, 0, 100000)
+_LOSS = Out("loss", LOSS_MAP, "Loss per step; connect to Plot Loss Graph to see it.")
+
+ABDUCT_UNET = Node(
+    "DACAbductUNetLoRA",
+    "Abduct UNet LoRA",
+    "DAC Abduction-1: over-fits a UNet LoRA to the photo with its source caption, so the model can reproduce the "
+    "photo in every detail (fidelity). Train once per photo; changing only the target prompt or sampling settings "
+    "does not re-run it.",
+    (
+        _MODEL, _CLIP, _VAE, _IMAGE,
+        In("source_prompt", "STRING", "A caption of the photo as it is, e.g. 'A cat.'", "", multiline=True),
+        In("steps", "INT", "Training steps. 250-500 keep the model more editable, 1000 is the paper's.", 1000, 1,
+           100000),
+        _LR,
+        In("rank", "INT", "LoRA rank. 512 is near full rank for SD's layers (the paper's choice, about 2 GB of "
+           "weights on SD 2.1); lower saves memory.", 512, 1, 1024),
+        _SEED_TRAIN, _DTYPE, _CHECKPOINTING, _PREVIEW,
+        In("init_lora", DAC_LORA, "Optional UNet LoRA to continue training from.", optional=True),
+    ),
+    (
+        Out("unet_lora", DAC_LORA, "The UNet LoRA U."),
+        Out("model", "MODEL", "The model with U at full strength: sample the source prompt to check the "
+            "reconstruction."),
+        _LOSS,
+    ),
+)
+
+ABDUCT_TEXT = Node(
+    "DACAbductTextLoRA",
+    "Abduct Text-Encoder LoRA",
+    "DAC Abduction-2: fits a small text-encoder LoRA so that the target caption reproduces the photo through the "
+    "frozen, annealed UNet LoRA. It learns the 'visual transition' that Counterfactual Sample subtracts.",
+    (
+        _MODEL, _CLIP, _VAE, _IMAGE,
+        In("target_prompt", "STRING", "A caption of the wanted result, e.g. 'A cat wearing a wool cap.'", "",
+           multiline=True),
+        _UNET_LORA, _ETA,
+        In("steps", "INT", "Training steps (paper: 1000).", 1000, 1, 100000),
+        _LR,
+        In("rank", "INT", "LoRA rank of the text encoder (paper: 4).", 4, 1, 256),
+        _SEED_TRAIN, _DTYPE, _EXTRA,
+    ),
+    (Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta."), _LOSS),
+)
+
+COUNTERFACTUAL = Node(
+    "DACCounterfactualSample",
+    "Counterfactual Sample",
+    "DAC prediction: samples the target prompt from pure noise with the UNet LoRA at its annealed strength every "
+    "step and the text-encoder LoRA subtracted (-beta). Decode the LATENT with VAE Decode.",
+    (
+        _MODEL, _CLIP, _UNET_LORA, _TEXT_LORA,
+        In("target_prompt", "STRING", "The same target caption the text-encoder LoRA was fitted on.", "",
+           multiline=True),
+        In("negative_prompt", "STRING", "Negative prompt; it goes through the same -beta text encoder.", "",
+           multiline=True),
+        _ETA,
+        In("beta", "FLOAT", "Edit strength: the text-encoder LoRA is applied at -beta. -1 reconstructs the photo, "
+           "values between change attributes gradually, above 1 exaggerates.", 1.0, -3.0, 5.0, 0.05),
+        In("seed", "INT", "Sampling seed.", 29, 0, 2**63 - 1, control_after_generate=True),
+        In("steps", "INT", "Denoising steps.", 30, 1, 10000),
+        In("cfg", "FLOAT", "Classifier-free guidance scale (reference: 4).", 4.0, 0.0, 100.0, 0.1),
+        In("sampler_name", "COMBO", "Sampler.", "ddim"),
+        In("scheduler", "COMBO", "Noise schedule.", "ddim_uniform"),
+        In("batch_size", "INT", "Number of candidates K to sample (the paper picks the best of 8).", 1, 1, 64),
+        In("latent", "LATENT", "Optional latent: its size is used (default: the source photo's size).", optional=True),
+        In("positive", "CONDITIONING", "Optional positive conditioning to carry along (e.g. from ControlNet Apply): "
+           "its extras (control, area, ...) are kept, its text embedding is replaced by the -beta encoding of "
+           "target_prompt.", optional=True),
+        In("negative", "CONDITIONING", "Optional negative conditioning to carry along, as positive.", optional=True),
+        _EXTRA,
+    ),
+    (Out("latent", "LATENT", "The edited latent(s); decode with VAE Decode."),),
+)
+
+APPLY = Node(
+    "DACApplyLoRAs",
+    "Apply DAC LoRAs",
+    "Returns a MODEL whose UNet LoRA strength follows DAC's annealing gamma(t) at every step of any sampler and "
+    "scheduler, and a CLIP with the text-encoder LoRA at -beta. Use them with the stock CLIP Text Encode, "
+    "ControlNet Apply, KSampler and upscaling nodes.",
+    (_MODEL, _CLIP, _UNET_LORA, _TEXT_LORA, _ETA,
+     In("beta", "FLOAT", "Edit strength: the text-encoder LoRA is applied at -beta.", 1.0, -3.0, 5.0, 0.05),
+     _EXTRA),
+    (Out("model", "MODEL", "The model with the annealed UNet LoRA."),
+     Out("clip", "CLIP", "The text encoder with the text-encoder LoRA at -beta.")),
+)
+
+SAVE = Node(
+    "DACSaveLoRA",
+    "Save DAC LoRA",
+    "Saves the UNet and text-encoder LoRAs as one kohya-format .safetensors file in models/loras (the stock "
+    "LoraLoader lists it: strength_model +1, strength_clip -1 approximates DAC without annealing).",
+    (_UNET_LORA, _TEXT_LORA,
+     In("filename_prefix", "STRING", "File name prefix inside models/loras.", "dac/edit")),
+    (),
+    output_node=True,
+)
+
+LOAD = Node(
+    "DACLoadLoRA",
+    "Load DAC LoRA",
+    "Loads a file saved by Save DAC LoRA (or dac-edit's LoRA files) from models/loras.",
+    (In("lora_name", "COMBO", "A LoRA file in models/loras holding DAC UNet and/or text-encoder layers."),),
+    (Out("unet_lora", DAC_LORA, "The UNet LoRA U."), Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta.")),
+)
+
+NODES: tuple[Node, ...] = (ABDUCT_UNET, ABDUCT_TEXT, COUNTERFACTUAL, APPLY, SAVE, LOAD)
+BY_ID = {node.id: node for node in NODES}

@@ -1,0 +1,114 @@
+"""Tiny ComfyUI MODEL / CLIP / VAE objects for the integration tests (needs COMFYUI_PATH).
+
+The UNet and text encoder carry the same weights as dac_core.tiny's diffusers models
+(converted with ComfyUI's own key maps), so both backends can be compared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def import_comfy(path: str) -> None:
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def unet_config(flavour: str) -> dict:
+    from dac_core.tiny import UNET_CONFIG
+
+    return {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": UNET_CONFIG["block_out_channels"][0],
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
+        "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1,
+        "context_dim": UNET_CONFIG["cross_attention_dim"], "num_heads": UNET_CONFIG["attention_head_dim"],
+        "num_head_channels": -1, "use_linear_in_transformer": flavour == "sd2", "legacy": False,
+        "use_spatial_transformer": True, "adm_in_channels": None, "use_temporal_attention": False,
+        "use_temporal_resblock": False, "dtype": torch.float32,
+    }
+
+
+def tiny_model(flavour: str = "sd1"):
+    """A ModelPatcher of a tiny SD1.x (epsilon) or SD2.x (v-prediction) model."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+    from comfy import model_base
+
+    from dac_core.tiny import tiny_pipeline
+
+    config = unet_config(flavour)
+    cls = comfy.supported_models.SD15 if flavour == "sd1" else comfy.supported_models.SD20
+    supported = cls(dict(config))
+    model_type = model_base.ModelType.EPS if flavour == "sd1" else model_base.ModelType.V_PREDICTION
+    model = model_base.BaseModel(supported, model_type=model_type, device="cpu")
+    diffusers_sd = tiny_pipeline(flavour).unet.state_dict()
+    mapping = comfy.utils.unet_to_diffusers({**config, "num_res_blocks": [1, 1]})
+    ldm = {ldm_key: diffusers_sd[d] for d, ldm_key in mapping.items() if d in diffusers_sd}
+    missing, unexpected = model.diffusion_model.load_state_dict(ldm, strict=False)
+    assert not missing, missing
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def tiny_clip():
+    """A comfy CLIP with a 2-layer, 32-wide CLIP-L-shaped text encoder and the real tokenizer."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dac_core.tiny import TEXT_CONFIG
+
+    small = {**TEXT_CONFIG, "vocab_size": 49408, "hidden_act": "quick_gelu"}
+    clip = comfy.sd.CLIP(
+        ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+        model_options={"clip_l_model_config": small, "dtype": torch.float32},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    sd = {}
+    for k, v in hf.state_dict().items():
+        sd[k if k.startswith("text_model.") else "text_model." + k] = v
+    sd.setdefault("text_projection.weight", torch.eye(small["hidden_size"]))
+    clip.cond_stage_model.clip_l.transformer.load_state_dict(sd, strict=False)
+    return clip
+
+
+def tiny_vae():
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        taesd = comfy.taesd.taesd.TAESD()
+        for p in taesd.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return comfy.sd.VAE(sd=taesd.state_dict())
+
+
+def comfyui_path() -> str | None:
+    return os.environ.get("COMFYUI_PATH")
+
+
+def import_pack():
+    """Import this repository as ComfyUI does: a package (named like its folder) whose
+    nodes/ and dac_core/ are reached by relative imports."""
+    import importlib
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    name = "dac_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
