@@ -277,6 +277,7 @@ class ComfyBackend(DACBackend):
                 x0 = self.model.model.apply_model(x_t, sigma[g], c_crossattn=cond[g],
                                                   transformer_options=self.model.model_options["transformer_options"])
             eps = (x_t.float() - x0.float()) / s
+            self._last_cond = cond.detach()
             losses.append(F.mse_loss(eps, noise[g].float(), reduction="none").mean(dim=(1, 2, 3)))
         return torch.cat(losses)
 
@@ -298,6 +299,23 @@ class ComfyBackend(DACBackend):
         self.strengths[UNET].value = 1.0
         return self.latent_format.process_in(out.to(self.device))
 
+    @torch.no_grad()
+    def preview(self, latents: LatentDistribution):
+        """A reconstruction preview: the model's x0 estimate from the photo noised to t = 500,
+        with the source conditioning the stage last used (None without a VAE)."""
+        if self.vae is None or getattr(self, "_last_cond", None) is None:
+            return None
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.mean.shape, generator=g).to(latents.mean)
+        sigma = self.model_sampling.sigma(torch.tensor([500.0])).to(latents.mean)
+        x_t = self.model_sampling.noise_scaling(sigma, noise, latents.mean)
+        x0 = self.model.model.apply_model(x_t, sigma, c_crossattn=self._last_cond[:1],
+                                          transformer_options=self.model.model_options["transformer_options"])
+        image = (self.decode_latents(x0)[0].clamp(-1, 1) + 1) * 127.5
+        return ("JPEG", Image.fromarray(image.round().byte().movedim(0, -1).cpu().numpy()), 512)
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             h = hashlib.sha256()
@@ -308,3 +326,32 @@ class ComfyBackend(DACBackend):
                 h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def release(*patchers) -> None:
+    """Unload (and so unpatch) our clones from ComfyUI's loaded-model list, so no model with
+    DAC wrappers stays loaded after a node ends, whether it finished, failed or was cancelled."""
+    mm = comfy.model_management
+    for i in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[i]
+        if any(loaded.model is p for p in patchers if p is not None):
+            mm.current_loaded_models.pop(i).model_unload()
+
+
+def apply_loras(model, clip, unet_lora, text_lora, eta: float, beta: float, extra_text_lora=None):
+    """(MODEL, CLIP) clones: the UNet LoRA at gamma(t) under any sampler, the text-encoder
+    LoRA at -beta (and T at +1). The inputs are not changed."""
+    from ..dac_core.schedule import gamma_at_fraction
+
+    backend = ComfyBackend(model, clip)
+    out_model = backend.model
+    if unet_lora is not None:
+        backend.attach_lora(UNET, unet_lora)
+        out_model.add_wrapper(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+                              lora_strength_wrapper(backend.strengths[UNET], backend.model_sampling,
+                                                    lambda f: gamma_at_fraction(f, eta)))
+    for name, lora, strength in ((TEXT_DELTA, text_lora, -beta), (TEXT_EXTRA, extra_text_lora, 1.0)):
+        if lora is not None and clip is not None:
+            backend.attach_lora(name, lora)
+            backend.strengths[name].value = strength
+    return out_model, backend.clip

@@ -1,0 +1,243 @@
+"""The DAC nodes: thin V3 classes over dac_core.stages and the ComfyUI backend.
+
+Schemas come from nodes/spec.py (plain data, tested without ComfyUI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui
+
+from ..dac_core import stages
+from ..dac_core.backend import TEXT_EXTRA
+from ..dac_core.errors import DACError
+from ..dac_core.lora import LoRA, load_lora, merge, save_lora
+from . import spec
+from .comfy_backend import ComfyBackend, apply_loras, release
+
+log = logging.getLogger("dac_core")
+DacLora = io.Custom(spec.DAC_LORA)
+_SOCKETS = {
+    "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae, "IMAGE": io.Image, "LATENT": io.Latent,
+    "CONDITIONING": io.Conditioning, spec.DAC_LORA: DacLora, spec.LOSS_MAP: io.LossMap,
+}
+
+
+def _options(node_id: str, name: str) -> list[str]:
+    if name == "sampler_name":
+        return list(comfy.samplers.KSampler.SAMPLERS)
+    if name == "scheduler":
+        return list(comfy.samplers.KSampler.SCHEDULERS)
+    if name == "lora_name":
+        return folder_paths.get_filename_list("loras")
+    raise KeyError(f"{node_id}.{name} has no options")
+
+
+def _input(node: spec.Node, i: spec.In):
+    common = dict(optional=i.optional, tooltip=i.tooltip)
+    if i.type == "INT":
+        return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step,
+                            control_after_generate=i.control_after_generate or None, **common)
+    if i.type == "FLOAT":
+        return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
+    if i.type == "STRING":
+        return io.String.Input(i.name, default=i.default, multiline=i.multiline, **common)
+    if i.type == "BOOLEAN":
+        return io.Boolean.Input(i.name, default=i.default, **common)
+    if i.type == "COMBO":
+        return io.Combo.Input(i.name, options=list(i.options or _options(node.id, i.name)), default=i.default, **common)
+    return _SOCKETS[i.type].Input(i.name, **common)
+
+
+def schema(node: spec.Node) -> io.Schema:
+    return io.Schema(
+        node_id=node.id, display_name=node.display_name, category=spec.CATEGORY, description=node.description,
+        inputs=[_input(node, i) for i in node.inputs],
+        outputs=[_SOCKETS[o.type].Output(display_name=o.name, tooltip=o.tooltip) for o in node.outputs],
+        is_output_node=node.output_node,
+    )
+
+
+def _one_image(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [1, H, W, C] in 0..1 -> pixels [1, 3, H', W'] in [-1, 1], sides cut to multiples of 8."""
+    if image.shape[0] != 1:
+        raise DACError(f"the image input holds {image.shape[0]} images; DAC edits one photo at a time: pick one "
+                       "with 'Image From Batch' (or run the workflow once per photo)")
+    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
+    if h < 8 or w < 8:
+        raise DACError(f"the image is {image.shape[2]}x{image.shape[1]} pixels; DAC needs at least 8x8")
+    return image[:, :h, :w, :3].clone().movedim(-1, 1) * 2 - 1
+
+
+def _named(lora: LoRA | None, what: str) -> LoRA | None:
+    if lora is not None:
+        lora = LoRA(lora.layers, dict(lora.metadata), f"the {what} input")
+    return lora
+
+
+def _progress(total: int, preview=None):
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(step, total_=None, loss=None):
+        comfy.model_management.throw_exception_if_processing_interrupted()  # the UI's Cancel, within one step
+        bar.update_absolute(step, total_ or total, preview(step) if preview else None)
+
+    return update
+
+
+def _train(backend: ComfyBackend, fn):
+    """Run a training stage with gradients inside ComfyUI's inference mode; clean up always."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn()
+    finally:
+        release(backend.model, backend.clip.patcher if backend.clip is not None else None)
+
+
+class AbductUNetLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.ABDUCT_UNET)
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, source_prompt, steps, learning_rate, rank, seed, training_dtype,
+                gradient_checkpointing, preview_every, init_lora=None) -> io.NodeOutput:
+        backend = ComfyBackend(model, clip, vae, training_dtype, gradient_checkpointing)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed)
+
+        def run():
+            pixels = _one_image(image)
+            latents = backend.encode_image(pixels)
+            preview = None
+            if preview_every:
+                preview = lambda step: backend.preview(latents) if step % preview_every == 0 else None  # noqa: E731
+            return stages.abduct_unet_lora(backend, latents, source_prompt, settings,
+                                           init=_named(init_lora, "init_lora"), progress=_progress(steps, preview)), pixels
+
+        result, pixels = _train(backend, run)
+        lora = result.lora
+        lora.metadata.update({"dac.width": str(pixels.shape[-1]), "dac.height": str(pixels.shape[-2])})
+        preview_model, _ = apply_loras(model, None, lora, None, eta=1.0, beta=0.0)
+        return io.NodeOutput(lora, preview_model, {"loss": result.losses})
+
+
+class AbductTextLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.ABDUCT_TEXT)
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, target_prompt, unet_lora, eta, steps, learning_rate, rank, seed,
+                training_dtype, extra_text_lora=None) -> io.NodeOutput:
+        backend = ComfyBackend(model, clip, vae, training_dtype)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed)
+
+        def run():
+            latents = backend.encode_image(_one_image(image))
+            return stages.abduct_text_lora(backend, latents, target_prompt, _named(unet_lora, "unet_lora"), settings,
+                                           eta=eta, extra_text_lora=_named(extra_text_lora, "extra_text_lora"),
+                                           progress=_progress(steps))
+
+        result = _train(backend, run)
+        result.lora.metadata.update({k: v for k, v in unet_lora.metadata.items() if k in ("dac.width", "dac.height")})
+        return io.NodeOutput(result.lora, {"loss": result.losses})
+
+
+class CounterfactualSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.COUNTERFACTUAL)
+
+    @classmethod
+    def execute(cls, model, clip, unet_lora, text_lora, target_prompt, negative_prompt, eta, beta, seed, steps, cfg,
+                sampler_name, scheduler, batch_size, latent=None, positive=None, negative=None,
+                extra_text_lora=None) -> io.NodeOutput:
+        backend = ComfyBackend(model, clip, None, sampler_name=sampler_name, scheduler=scheduler)
+        if positive:
+            backend.positive_extras = {k: v for k, v in positive[0][1].items() if k != "pooled_output"}
+        if negative:
+            backend.negative_extras = {k: v for k, v in negative[0][1].items() if k != "pooled_output"}
+        if latent is not None:
+            _, _, h, w = latent["samples"].shape
+            size, batch_size = (w * 8, h * 8), max(batch_size, latent["samples"].shape[0])
+        else:
+            try:
+                size = (int(unet_lora.metadata["dac.width"]), int(unet_lora.metadata["dac.height"]))
+            except (KeyError, ValueError):
+                raise DACError("the UNet LoRA does not record the source size: connect a LATENT of the wanted "
+                               "size (e.g. VAE Encode of the source photo)") from None
+        try:
+            latents = stages.counterfactual_sample(
+                backend, target_prompt, _named(unet_lora, "unet_lora"), _named(text_lora, "text_lora"), size,
+                extra_text_lora=_named(extra_text_lora, "extra_text_lora"), eta=eta, beta=beta,
+                negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed, num_images=batch_size,
+                progress=_progress(steps), decode=False)
+        finally:
+            release(backend.model, backend.clip.patcher if backend.clip is not None else None)
+        return io.NodeOutput({"samples": backend.latent_format.process_out(latents).cpu()})
+
+
+class ApplyDACLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.APPLY)
+
+    @classmethod
+    def execute(cls, model, clip, unet_lora, text_lora, eta, beta, extra_text_lora=None) -> io.NodeOutput:
+        return io.NodeOutput(*apply_loras(model, clip, _named(unet_lora, "unet_lora"), _named(text_lora, "text_lora"),
+                                          eta, beta, _named(extra_text_lora, "extra_text_lora")))
+
+
+class SaveDACLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.SAVE)
+
+    @classmethod
+    def execute(cls, unet_lora, text_lora, filename_prefix) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("loras")[0]
+        full, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+        path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
+        unet_meta = {k: v for k, v in unet_lora.metadata.items()}
+        text_meta = {("dac.text." + k[4:] if k.startswith("dac.") else k): v for k, v in text_lora.metadata.items()}
+        save_lora(merge(LoRA(unet_lora.unet.layers), LoRA(text_lora.text_encoder.layers)), path,
+                  {**unet_meta, **text_meta, "dac.stage": "unet+text"})
+        log.info("saved DAC LoRA to %s", path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder)} in models/loras"))
+
+
+class LoadDACLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.LOAD)
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        lora = load_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
+        unet, text = lora.unet, lora.text_encoder
+        if not len(unet) and not len(text):
+            raise DACError(f"{lora_name} holds no UNet or text-encoder LoRA layers")
+        text.metadata = {("dac." + k[9:] if k.startswith("dac.text.") else k): v for k, v in lora.metadata.items()}
+        return io.NodeOutput(unet if len(unet) else None, text if len(text) else None)
+
+
+NODE_CLASSES = [AbductUNetLoRA, AbductTextLoRA, CounterfactualSample, ApplyDACLoRAs, SaveDACLoRA, LoadDACLoRA]
+
+
+class DACExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODE_CLASSES
+
+
+async def comfy_entrypoint() -> DACExtension:
+    return DACExtension()
