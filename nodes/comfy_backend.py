@@ -335,7 +335,12 @@ def release(*patchers) -> None:
     for i in reversed(range(len(mm.current_loaded_models))):
         loaded = mm.current_loaded_models[i]
         if any(loaded.model is p for p in patchers if p is not None):
+            patcher = loaded.model
             mm.current_loaded_models.pop(i).model_unload()
+            # ComfyUI clears weight wrappers at the next load only; clear them now.
+            for m in patcher.model.modules():
+                if hasattr(m, "weight_function"):
+                    m.weight_function, m.bias_function = [], []
 
 
 def apply_loras(model, clip, unet_lora, text_lora, eta: float, beta: float, extra_text_lora=None):

@@ -46,6 +46,8 @@ def tiny_model(flavour: str = "sd1"):
     config = unet_config(flavour)
     cls = comfy.supported_models.SD15 if flavour == "sd1" else comfy.supported_models.SD20
     supported = cls(dict(config))
+    # SD20 forces 64 channels per head; the tiny model keeps diffusers' head count instead.
+    supported.unet_config.update(num_heads=config["num_heads"], num_head_channels=-1)
     model_type = model_base.ModelType.EPS if flavour == "sd1" else model_base.ModelType.V_PREDICTION
     model = model_base.BaseModel(supported, model_type=model_type, device="cpu")
     diffusers_sd = tiny_pipeline(flavour).unet.state_dict()

@@ -1,0 +1,235 @@
+"""The DAC nodes inside a real ComfyUI (set COMFYUI_PATH to a ComfyUI checkout).
+
+Nodes run as ComfyUI's executor runs them: inside torch.inference_mode(), on tiny SD1.x
+models built in code (tests/comfy_tiny.py) with the same weights as dac_core.tiny's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import comfy_tiny
+
+COMFYUI = comfy_tiny.comfyui_path()
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
+
+if COMFYUI:
+    comfy_tiny.import_comfy(COMFYUI)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    comfy_tiny.import_pack()
+    return importlib.import_module("dac_pack.nodes.dac_nodes")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return comfy_tiny.tiny_model("sd1"), comfy_tiny.tiny_clip(), comfy_tiny.tiny_vae()
+
+
+@pytest.fixture
+def image():
+    from dac_core.tiny import demo_image
+
+    return torch.from_numpy(np.asarray(demo_image((64, 48)), dtype=np.float32) / 255)[None]
+
+
+@pytest.fixture(scope="module")
+def trained(pack, parts):
+    """UNet and text LoRAs trained by the nodes, with their loss histories."""
+    from dac_core.tiny import demo_image
+
+    model, clip, vae = parts
+    img = torch.from_numpy(np.asarray(demo_image((64, 48)), dtype=np.float32) / 255)[None]
+    with torch.inference_mode():
+        u, preview_model, loss_u = pack.AbductUNetLoRA.execute(model, clip, vae, img, "a red disc", 60, 2e-3, 8, 42,
+                                                               "fp32", False, 20).args
+        d, loss_d = pack.AbductTextLoRA.execute(model, clip, vae, img, "a red disc with a hat", u, 0.8, 30, 2e-3, 4,
+                                                42, "fp32").args
+    return u, d, preview_model, loss_u, loss_d
+
+
+def ksample(model, clip, prompt="a red disc with a hat", seed=3):
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        latent = {"samples": torch.zeros(1, 4, 6, 8)}
+        return comfy_nodes.common_ksampler(model, seed, 4, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+
+def test_abductions_lower_the_loss_and_keep_the_source_size(trained):
+    u, d, preview_model, loss_u, loss_d = trained
+    assert len(loss_u["loss"]) == 60 and len(loss_d["loss"]) == 30
+    assert np.mean(loss_u["loss"][-15:]) < np.mean(loss_u["loss"][:15])
+    assert len(u) == 79 and all(k.startswith("lora_unet_") for k in u.layers)  # as many layers as in diffusers
+    assert len(d) == 8 and all(k.startswith("lora_te_text_model_encoder_layers_") for k in d.layers)
+    assert (u.metadata["dac.width"], u.metadata["dac.height"]) == ("64", "48")
+    assert u.metadata["dac.stage"] == "unet" and d.metadata["dac.stage"] == "text"
+
+
+def test_counterfactual_sample_makes_a_latent_batch(pack, parts, trained):
+    model, clip, _ = parts
+    u, d, *_ = trained
+    with torch.inference_mode():
+        (latent,) = pack.CounterfactualSample.execute(model, clip, u, d, "a red disc with a hat", "", 0.8, 1.0, 29, 3,
+                                                      4.0, "ddim", "ddim_uniform", 2).args
+        (again,) = pack.CounterfactualSample.execute(model, clip, u, d, "a red disc with a hat", "", 0.8, 1.0, 29, 3,
+                                                     4.0, "ddim", "ddim_uniform", 2).args
+    assert latent["samples"].shape == (2, 4, 6, 8)
+    assert torch.equal(latent["samples"], again["samples"])
+    assert not torch.equal(latent["samples"][0], latent["samples"][1])
+
+
+def test_nodes_leave_the_input_model_and_clip_untouched(pack, parts, trained):
+    model, clip, vae = parts
+    before = ksample(model, clip)
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    u, d, *_ = trained
+    with torch.inference_mode():
+        pack.CounterfactualSample.execute(model, clip, u, d, "a b", "", 0.8, 1.0, 29, 2, 4.0, "euler", "normal", 1)
+        applied_model, applied_clip = pack.ApplyDACLoRAs.execute(model, clip, u, d, 0.8, 1.0).args
+        ksample(applied_model, applied_clip)
+    after = ksample(model, clip)
+    assert torch.equal(before, after)
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert not model.weight_wrapper_patches and not clip.patcher.weight_wrapper_patches
+    assert all(not m.weight_function for m in model.model.modules() if hasattr(m, "weight_function"))
+
+
+def test_apply_dac_loras_anneals_per_step(pack, parts, trained):
+    """gamma(t) reaches the UNet LoRA at every model call of a stock sampler."""
+    from dac_core.schedule import gamma_at_fraction
+
+    model, clip, _ = parts
+    u, d, *_ = trained
+    applied_model, applied_clip = pack.ApplyDACLoRAs.execute(model, clip, u, d, 0.5, 1.0).args
+    backend_mod = importlib.import_module("dac_pack.nodes.comfy_backend")
+    seen = []
+    original = backend_mod.LoRAWrapper.forward
+
+    def spy(self, weight):
+        seen.append(self.strength.value)
+        return original(self, weight)
+
+    backend_mod.LoRAWrapper.forward = spy
+    try:
+        ksample(applied_model, applied_clip)
+    finally:
+        backend_mod.LoRAWrapper.forward = original
+    unet_strengths = sorted({round(s, 6) for s in seen if s > 0})
+    ms = model.get_model_object("model_sampling")
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 4)[:-1]
+    expected = sorted({round(float(gamma_at_fraction(ms.timestep(s).float() / 999, 0.5)), 6) for s in sigmas})
+    assert unet_strengths == expected
+    assert -1.0 in {round(s, 6) for s in seen}  # the text-encoder LoRA at -beta
+
+
+def test_stock_lora_loader_at_plus_one_minus_one_equals_apply_with_eta_one(pack, parts, trained, tmp_path):
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    model, clip, _ = parts
+    u, d, *_ = trained
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], {".safetensors"})
+    with torch.inference_mode():
+        pack.SaveDACLoRA.execute(u, d, "dac/test")
+    (name,) = folder_paths.get_filename_list("loras")
+    assert name.startswith("dac") and name.endswith(".safetensors")
+    sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name))
+    stock_model, stock_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, -1.0)
+    n_patched = len(stock_model.patches) + len(stock_clip.patcher.patches)
+    assert n_patched == len(u) + len(d)  # the stock loader understood every key
+    applied_model, applied_clip = pack.ApplyDACLoRAs.execute(model, clip, u, d, 1.0, 1.0).args
+    assert torch.allclose(ksample(stock_model, stock_clip), ksample(applied_model, applied_clip), atol=1e-4)
+    loaded_u, loaded_d = pack.LoadDACLoRA.execute(name).args
+    for stem, layer in u.layers.items():
+        assert torch.equal(loaded_u.layers[stem].up, layer.up)
+    assert set(loaded_d.layers) == set(d.layers)
+
+
+def test_cancel_stops_within_one_step_and_leaves_nothing_patched(pack, parts, image):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, vae = parts
+    steps_seen = []
+
+    def hook(value, total, preview, node_id=None):
+        steps_seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 500, 1e-3, 4, 1, "fp32", False, 0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert max(steps_seen) == 3
+    assert not any(getattr(m, "weight_function", None) for m in model.model.modules())
+    assert not any(getattr(m, "weight_function", None) for m in clip.cond_stage_model.modules())
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty prompt", "source prompt is empty"),
+        ("two images", "the image input holds 2 images; DAC edits one photo at a time"),
+        ("nan", "the loss became nan"),
+    ],
+)
+def test_bad_input_to_abduct_unet_lora(pack, parts, image, case, message):
+    model, clip, vae = parts
+    prompt, img, lr = "a", image, 1e-3
+    if case == "empty prompt":
+        prompt = "  "
+    elif case == "two images":
+        img = torch.cat([image, image])
+    else:
+        lr = 1e6
+    from dac_pack.dac_core.errors import DACError
+
+    with torch.inference_mode(), pytest.raises(DACError, match=message):
+        pack.AbductUNetLoRA.execute(model, clip, vae, img, prompt, 20, lr, 4, 1, "fp32", False, 0)
+
+
+def test_text_lora_where_a_unet_lora_is_expected(pack, parts, trained, image):
+    model, clip, vae = parts
+    _, d, *_ = trained
+    from dac_pack.dac_core.errors import DACError
+
+    with torch.inference_mode(), pytest.raises(DACError, match="the unet_lora input is not a UNet LoRA: it holds "
+                                                                "text-encoder layers only"):
+        pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", d, 0.8, 2, 1e-3, 4, 1, "fp32")
+
+
+def test_lora_from_another_base_model(pack, parts, image):
+    model, clip, vae = parts
+    other = comfy_tiny.tiny_model("sd2")  # linear proj_in/out: other shapes
+    with torch.inference_mode():
+        u_other = pack.AbductUNetLoRA.execute(other, clip, vae, image, "a", 2, 1e-3, 4, 1, "fp32", False, 0).args[0]
+    from dac_pack.dac_core.errors import DACError
+
+    with torch.inference_mode(), pytest.raises(DACError, match="the unet_lora input does not fit this model: layer "
+                                                                "lora_unet_"):
+        pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", u_other, 0.8, 2, 1e-3, 4, 1, "fp32")
+
+
+def test_v_prediction_model_trains(pack, image):
+    model, clip, vae = comfy_tiny.tiny_model("sd2"), comfy_tiny.tiny_clip(), comfy_tiny.tiny_vae()
+    with torch.inference_mode():
+        u, _, loss = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 40, 2e-3, 4, 1, "fp32", False, 0).args
+    assert np.isfinite(loss["loss"]).all() and len(u) == 79
