@@ -64,12 +64,14 @@ class DACBackend(ABC):
 
     # --- LoRAs --------------------------------------------------------------------------
     @abstractmethod
-    def attach_lora(
-        self, name: str, lora: LoRA | None = None, rank: int | None = None, trainable: bool = False
-    ) -> list[torch.nn.Parameter]:
-        """Attach LoRA `name` (UNET, TEXT_DELTA or TEXT_EXTRA), replacing one of that name:
-        from `lora`'s weights, or fresh (Gaussian down, zero up) of `rank`. Returns the
-        trainable parameters (none unless `trainable`); the base weights never train."""
+    def lora_shapes(self, name: str) -> dict[str, torch.Size]:
+        """kohya stem -> base weight shape, for every layer LoRA `name` targets in this model."""
+
+    @abstractmethod
+    def attach_lora(self, name: str, lora: LoRA, trainable: bool = False) -> list[torch.nn.Parameter]:
+        """Attach LoRA `name` (UNET, TEXT_DELTA or TEXT_EXTRA) with `lora`'s weights, replacing
+        one of that name. Returns the trainable parameters (none unless `trainable`); the
+        base weights never train."""
 
     @abstractmethod
     def detach_lora(self, name: str) -> None:

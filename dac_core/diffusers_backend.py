@@ -170,34 +170,30 @@ class DiffusersBackend(DACBackend):
                 out[self._stem(name, n)] = m
         return out
 
-    def attach_lora(self, name, lora=None, rank=None, trainable=False):
+    def lora_shapes(self, name):
+        return {stem: m.weight.shape for stem, m in self._targets(name).items()}
+
+    def attach_lora(self, name, lora, trainable=False):
         from peft import LoraConfig, inject_adapter_in_model
 
         model = self._model_of(name)
         self.detach_lora(name)
         targets = self._targets(name)
-        source = lora.source if lora is not None else "LoRA"
-        if lora is not None:
-            part = lora.unet if name == UNET else lora.text_encoder
-            if len(part) == 0:
-                other = "text-encoder" if name == UNET else "UNet"
-                has = f"it holds {other} layers only" if len(lora) else "it is empty"
-                want = "a UNet" if name == UNET else "a text-encoder"
-                raise DACError(f"{source} is not {want} LoRA: {has}")
-            check_fits(part, {s: m.weight.shape for s, m in targets.items()}, source)
-            modules = {self._module_name(name, s): s for s in part.layers}
-            ranks = {n: part.layers[s].rank for n, s in modules.items()}
-            alphas = {n: part.layers[s].alpha for n, s in modules.items()}
-            r = max(ranks.values())
-            config = LoraConfig(
-                r=r, lora_alpha=r, target_modules=list(modules), init_lora_weights=True,
-                rank_pattern={n: v for n, v in ranks.items() if v != r}, alpha_pattern=alphas,
-            )
-        else:
-            if rank is None:
-                raise ValueError("attach_lora needs a LoRA or a rank")
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(UNET_TARGETS if name == UNET else TEXT_TARGETS))
+        part = lora.unet if name == UNET else lora.text_encoder
+        if len(part) == 0:
+            other = "text-encoder" if name == UNET else "UNet"
+            has = f"it holds {other} layers only" if len(lora) else "it is empty"
+            want = "a UNet" if name == UNET else "a text-encoder"
+            raise DACError(f"{lora.source} is not {want} LoRA: {has}")
+        check_fits(part, {s: m.weight.shape for s, m in targets.items()}, lora.source)
+        modules = {self._module_name(name, s): s for s in part.layers}
+        ranks = {n: part.layers[s].rank for n, s in modules.items()}
+        alphas = {n: part.layers[s].alpha for n, s in modules.items()}
+        r = max(ranks.values())
+        config = LoraConfig(
+            r=r, lora_alpha=r, target_modules=list(modules), init_lora_weights=True,
+            rank_pattern={n: v for n, v in ranks.items() if v != r}, alpha_pattern=alphas,
+        )
         with warnings.catch_warnings():  # a second adapter on one model is intended here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             inject_adapter_in_model(config, model, adapter_name=name)
@@ -207,10 +203,9 @@ class DiffusersBackend(DACBackend):
             if name not in m.lora_A:
                 continue
             m.set_adapter(active)  # peft marks every active adapter trainable; fixed below
-            if lora is not None:
-                layer = part.layers[self._stem(name, module_name)]
-                m.lora_A[name].weight.data.copy_(layer.down.to(m.lora_A[name].weight))
-                m.lora_B[name].weight.data.copy_(layer.up.to(m.lora_B[name].weight))
+            layer = part.layers[self._stem(name, module_name)]
+            m.lora_A[name].weight.data.copy_(layer.down.to(m.lora_A[name].weight))
+            m.lora_B[name].weight.data.copy_(layer.up.to(m.lora_B[name].weight))
         trainable_names = {name} if trainable else set()
         params = []
         for _, m in layers:

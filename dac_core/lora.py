@@ -122,6 +122,19 @@ class LoRA:
         return len(self.layers)
 
 
+def fresh_lora(shapes: dict[str, torch.Size], rank: int, generator: torch.Generator) -> LoRA:
+    """A new LoRA for layers of these base-weight shapes: down ~ N(0, 1/rank), up = 0, alpha =
+    rank (peft's "gaussian" init, as the reference). Drawn in sorted layer order, so every
+    backend gets the same LoRA from the same generator."""
+    layers = {}
+    for stem in sorted(shapes):
+        shape = tuple(shapes[stem])
+        down = torch.randn((rank, shape[1], *shape[2:]), generator=generator) / rank
+        up = torch.zeros((shape[0], rank, *((1, 1) if len(shape) == 4 else ())))
+        layers[stem] = LoRALayer(down, up, float(rank))
+    return LoRA(layers)
+
+
 def merge(*loras: LoRA) -> LoRA:
     """One LoRA holding the layers of several (e.g. UNet + text encoder for one file)."""
     layers: dict[str, LoRALayer] = {}

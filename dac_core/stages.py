@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
 from .errors import DACError, NonFiniteLossError, StopTraining
-from .lora import LoRA
+from .lora import LoRA, fresh_lora
 from .schedule import check_eta, gamma, gamma_at_fraction
 
 log = logging.getLogger("dac_core")
@@ -79,11 +79,9 @@ class StageResult:
 
 
 def _fresh_lora(backend: DACBackend, name: str, start: LoRA | None, rank: int, seed: int) -> list[torch.nn.Parameter]:
-    """Attach LoRA `name` as trainable; a fresh one's random init is drawn from `seed`."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return backend.attach_lora(name, start, rank=rank, trainable=True)
+    """Attach LoRA `name` as trainable: `start`, or a fresh one drawn from `seed`."""
+    lora = start if start is not None else fresh_lora(backend.lora_shapes(name), rank, torch.Generator().manual_seed(seed))
+    return backend.attach_lora(name, lora, trainable=True)
 
 
 def check_prompt(backend: DACBackend, prompt: str, what: str) -> str:

@@ -177,24 +177,20 @@ class ComfyBackend(DACBackend):
             raise DACError("a CLIP input is needed for the text-encoder LoRA")
         return self.clip.patcher, self._clip_keys
 
-    def attach_lora(self, name, lora=None, rank=None, trainable=False):
+    def lora_shapes(self, name):
+        patcher, keys = self._patcher_keys(name)
+        return {stem: comfy.utils.get_attr(patcher.model, key).shape for stem, key in keys.items()}
+
+    def attach_lora(self, name, lora, trainable=False):
         self.detach_lora(name)
         patcher, keys = self._patcher_keys(name)
-        shapes = {stem: comfy.utils.get_attr(patcher.model, key).shape for stem, key in keys.items()}
-        if lora is not None:
-            part = lora.unet if name == UNET else lora.text_encoder
-            if len(part) == 0:
-                other = "text-encoder" if name == UNET else "UNet"
-                has = f"it holds {other} layers only" if len(lora) else "it is empty"
-                raise DACError(f"{lora.source} is not {'a UNet' if name == UNET else 'a text-encoder'} LoRA: {has}")
-            check_fits(part, shapes, lora.source)
-            layers = part.layers
-        else:
-            layers = {}
-            for stem, shape in shapes.items():
-                down = torch.randn((rank, shape[1], *shape[2:])) / rank  # peft's "gaussian" init
-                up = torch.zeros((shape[0], rank, *((1, 1) if len(shape) == 4 else ())))
-                layers[stem] = LoRALayer(down, up, float(rank))
+        part = lora.unet if name == UNET else lora.text_encoder
+        if len(part) == 0:
+            other = "text-encoder" if name == UNET else "UNet"
+            has = f"it holds {other} layers only" if len(lora) else "it is empty"
+            raise DACError(f"{lora.source} is not {'a UNet' if name == UNET else 'a text-encoder'} LoRA: {has}")
+        check_fits(part, self.lora_shapes(name), lora.source)
+        layers = part.layers
         self.strengths[name].value = 1.0
         wrappers = {}
         for stem, layer in layers.items():

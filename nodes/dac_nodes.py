@@ -162,6 +162,12 @@ class CounterfactualSample(io.ComfyNode):
                 sampler_name, scheduler, batch_size, latent=None, positive=None, negative=None,
                 extra_text_lora=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip, None, sampler_name=sampler_name, scheduler=scheduler)
+        if not target_prompt.strip():
+            target_prompt = text_lora.metadata.get("dac.prompt", "")
+        trained_eta = text_lora.metadata.get("dac.eta")
+        if trained_eta and abs(float(trained_eta) - eta) > 1e-6:
+            log.warning("Counterfactual Sample: eta %s differs from the eta %s the text-encoder LoRA was fitted with; "
+                        "DAC uses the same value for both", eta, trained_eta)
         if positive:
             backend.positive_extras = {k: v for k, v in positive[0][1].items() if k != "pooled_output"}
         if negative:

@@ -63,8 +63,8 @@ _EXTRA = In("extra_text_lora", DAC_LORA, "Optional frozen extra text-encoder LoR
             "complex photos whose content would leak into the edit (kept at +1).", optional=True)
 _ETA = In("eta", "FLOAT", "Annealing: the UNet LoRA's strength at pure noise, rising to 1 at the clean end. Lower "
           "makes the edit easier but less faithful (paper: 0.4-0.8).", 0.8, 0.01, 1.0, 0.01)
-_SEED_TRAIN = In("seed", "INT", "Seed of the training noise, timesteps and LoRA init.", 42, 0, 2**63 - 1,
-                 control_after_generate=True)
+# No control_after_generate: a seed that changed after every queue would retrain every time.
+_SEED_TRAIN = In("seed", "INT", "Seed of the training noise, timesteps and LoRA init.", 42, 0, 2**63 - 1)
 _LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant, grad-norm clip 1).", 1e-4, 1e-7, 1.0, 1e-5)
 _DTYPE = In("training_dtype", "COMBO", "Compute dtype while training; LoRA weights stay float32. bf16/fp16 save "
             "memory and time on a GPU.", "fp32", options=("fp32", "bf16", "fp16"))
@@ -123,8 +123,8 @@ COUNTERFACTUAL = Node(
     "step and the text-encoder LoRA subtracted (-beta). Decode the LATENT with VAE Decode.",
     (
         _MODEL, _CLIP, _UNET_LORA, _TEXT_LORA,
-        In("target_prompt", "STRING", "The same target caption the text-encoder LoRA was fitted on.", "",
-           multiline=True),
+        In("target_prompt", "STRING", "The target caption; leave empty to use the one the text-encoder LoRA was "
+           "fitted on.", "", multiline=True),
         In("negative_prompt", "STRING", "Negative prompt; it goes through the same -beta text encoder.", "",
            multiline=True),
         _ETA,

@@ -58,23 +58,43 @@ def tiny_model(flavour: str = "sd1"):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def tiny_clip():
-    """A comfy CLIP with a 2-layer, 32-wide CLIP-L-shaped text encoder and the real tokenizer."""
-    import comfy.sd
-    import comfy.sd1_clip
-    from comfy.supported_models_base import ClipTarget
+def hf_text_encoder():
+    """The transformers CLIPTextModel behind tiny_clip(): CLIP-L's vocabulary, tiny layers."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dac_core.tiny import TEXT_CONFIG
 
     small = {**TEXT_CONFIG, "vocab_size": 49408, "hidden_act": "quick_gelu"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), small
+
+
+def parity_pipeline(comfyui: str, flavour: str = "sd1"):
+    """dac_core.tiny's diffusers pipeline with tiny_clip()'s text encoder and ComfyUI's
+    CLIP tokenizer, so both backends see the same weights and tokens."""
+    from transformers import CLIPTokenizer
+
+    from dac_core.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(flavour)
+    pipe.text_encoder, _ = hf_text_encoder()
+    pipe.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(comfyui, "comfy", "sd1_tokenizer"))
+    pipe.tokenizer.model_max_length = 77
+    return pipe
+
+
+def tiny_clip():
+    """A comfy CLIP with a 2-layer, 32-wide CLIP-L-shaped text encoder and the real tokenizer."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+
+    hf, small = hf_text_encoder()
     clip = comfy.sd.CLIP(
         ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
         model_options={"clip_l_model_config": small, "dtype": torch.float32},
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        hf = CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
     sd = {}
     for k, v in hf.state_dict().items():
         sd[k if k.startswith("text_model.") else "text_model." + k] = v

@@ -25,6 +25,8 @@ WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
 API_DIR = os.path.join(WORKFLOWS_DIR, "api")
 
 CONTROL = "control_after_generate"  # placeholder in widget-name lists: the seed's control value
+UPLOAD = "upload"  # placeholder: LoadImage's upload button, saved by the frontend as "image"
+FRONTEND_ONLY_WIDGETS = frozenset({CONTROL, UPLOAD})  # in widgets_values, never sent to the server
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 VIRTUAL_NODES = frozenset({"Note", "MarkdownNote"})  # frontend-only: never sent to the server
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -35,7 +37,8 @@ UI_NODE_KEYS = ("id", "type", "pos", "size", "flags", "order", "mode", "inputs",
                 "widgets_values")
 
 # Core nodes: inputs (name, type, is_widget) in INPUT_TYPES order ("COMBO" for list-valued inputs),
-# outputs (types, in RETURN_TYPES order), optional input names, inputs with control_after_generate.
+# outputs (types, in RETURN_TYPES order), optional input names, inputs with control_after_generate,
+# and the frontend-only widgets the UI saves after the real ones (name, saved value).
 CORE_NODES: dict[str, dict] = {
     "CheckpointLoaderSimple": {
         "inputs": [("ckpt_name", "COMBO", True)],
@@ -44,6 +47,7 @@ CORE_NODES: dict[str, dict] = {
     "LoadImage": {
         "inputs": [("image", "COMBO", True)],
         "outputs": ["IMAGE", "MASK"],
+        "frontend_widgets": [(UPLOAD, "image")],  # image_upload: True adds an upload button widget
     },
     "VAEDecode": {
         "inputs": [("samples", "LATENT", False), ("vae", "VAE", False)],
@@ -153,6 +157,7 @@ class NodeDef:
     type: str
     inputs: tuple[Input, ...]
     outputs: tuple[tuple[str | None, str], ...]  # (name or None where not checked, type)
+    frontend_widgets: tuple[tuple[str, str], ...] = ()  # (placeholder name, saved value)
 
     @property
     def sockets(self) -> tuple[Input, ...]:
@@ -177,13 +182,14 @@ def node_defs() -> dict[str, NodeDef]:
         optional = set(entry.get("optional", ()))
         control = set(entry.get("control_after_generate", ()))
         inputs = tuple(Input(n, t, w, n in optional, n in control) for n, t, w in entry["inputs"])
-        defs[type_] = NodeDef(type_, inputs, tuple((None, t) for t in entry["outputs"]))
+        defs[type_] = NodeDef(type_, inputs, tuple((None, t) for t in entry["outputs"]),
+                              tuple(entry.get("frontend_widgets", ())))
     return defs
 
 
 def widget_names(defs: dict[str, NodeDef] | None = None) -> dict[str, list[str]]:
     """Node type -> its widget input names in widgets_values order, with a CONTROL placeholder after
-    every input that has control_after_generate."""
+    every input that has control_after_generate and UPLOAD for LoadImage's upload button."""
     defs = node_defs() if defs is None else defs
     table = {}
     for type_, node in defs.items():
@@ -192,6 +198,7 @@ def widget_names(defs: dict[str, NodeDef] | None = None) -> dict[str, list[str]]
             names.append(i.name)
             if i.control_after_generate:
                 names.append(CONTROL)
+        names.extend(name for name, _ in node.frontend_widgets)
         table[type_] = names
     return table
 
@@ -200,8 +207,8 @@ def widget_names(defs: dict[str, NodeDef] | None = None) -> dict[str, list[str]]
 
 def ui_to_api(ui: dict, widget_names: dict[str, list[str]]) -> dict:
     """The API-format prompt of a UI-format workflow: {"<id>": {"class_type", "inputs"}} in node-id
-    order; widget values by name (control values dropped), links as [source id as str, slot]. Note
-    nodes are dropped. Only active nodes (mode 0) are supported."""
+    order; widget values by name (control values and other FRONTEND_ONLY_WIDGETS dropped), links as
+    [source id as str, slot]. Note nodes are dropped. Only active nodes (mode 0) are supported."""
     sources = {link[0]: (str(link[1]), link[2]) for link in ui["links"]}
     prompt = {}
     for node in sorted(ui["nodes"], key=lambda n: n["id"]):
@@ -219,7 +226,7 @@ def ui_to_api(ui: dict, widget_names: dict[str, list[str]]) -> dict:
         linked = {i["name"]: sources[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
         inputs = {}
         for name, value in zip(names, values):
-            if name != CONTROL:
+            if name not in FRONTEND_ONLY_WIDGETS:
                 inputs[name] = list(linked[name]) if name in linked else value
         for i in node.get("inputs", []):
             if i["name"] in linked and i["name"] not in inputs:
@@ -349,13 +356,17 @@ def validate_workflow(ui: dict, defs: dict[str, NodeDef] | None = None) -> list[
         values = node["widgets_values"]
         expected = [x for i in d.widgets
                     for x in ([(i, False), (i, True)] if i.control_after_generate else [(i, False)])]
+        expected += [(name, value) for name, value in d.frontend_widgets]
         if not isinstance(values, list) or len(values) != len(expected):
             n = len(values) if isinstance(values, list) else values
             errors.append(f"{where}: {n} widgets_values, expected {len(expected)} "
                           f"({widget_names(defs)[node['type']]})")
             continue
         for value, (inp, is_control) in zip(values, expected):
-            if is_control:
+            if isinstance(inp, str):  # a frontend-only widget: (name, saved value)
+                if value != is_control:
+                    errors.append(f"{where}: frontend widget {inp!r} is {value!r}, expected {is_control!r}")
+            elif is_control:
                 if value not in CONTROL_VALUES:
                     errors.append(f"{where}: control value after {inp.name!r} is {value!r}, "
                                   f"expected one of {CONTROL_VALUES}")

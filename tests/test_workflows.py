@@ -1,0 +1,239 @@
+"""The example workflows and the node schemas they rely on, checked without ComfyUI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+import workflow_tools as wt
+
+UI_PATHS = wt.ui_workflow_paths()
+EXPECTED_WORKFLOWS = {"dac_basic_edit.json", "dac_controlnet_edit.json", "dac_edit_then_upscale.json",
+                      "dac_save_and_share.json"}
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ids(paths):
+    return [os.path.basename(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return wt.load_spec()
+
+
+# --- the workflows ------------------------------------------------------------------------------
+
+def test_the_example_workflows_are_there():
+    assert EXPECTED_WORKFLOWS <= set(_ids(UI_PATHS))
+    api = {os.path.basename(p) for p in os.listdir(wt.API_DIR) if p.endswith(".json")}
+    assert api == set(_ids(UI_PATHS)), "every UI workflow has an API copy and nothing else is in workflows/api"
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_workflow_is_a_valid_ui_format_graph(path):
+    ui = _load(path)
+    for key in wt.UI_TOP_KEYS:
+        assert key in ui, key
+    assert ui["version"] == 0.4
+    assert ui["groups"] == [] and ui["config"] == {}
+    assert ui["extra"] == {"ds": {"scale": 1, "offset": [0, 0]}}
+    assert wt.validate_workflow(ui) == []
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_workflow_layout_runs_left_to_right_without_overlaps(path):
+    assert wt.layout_problems(_load(path)) == []
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_api_copy_equals_the_converted_ui_workflow(path):
+    expected = wt.ui_to_api(_load(path), wt.widget_names())
+    assert os.path.exists(wt.api_path(path)), "run: python tests/workflow_tools.py"
+    with open(wt.api_path(path), encoding="utf-8") as f:
+        text = f.read()
+    assert json.loads(text) == expected, "stale API copy; run: python tests/workflow_tools.py"
+    assert text == wt.dumps(expected)
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_every_node_type_is_ours_or_a_listed_core_node(path, spec):
+    known = set(spec.BY_ID) | set(wt.CORE_NODES)
+    assert {n["type"] for n in _load(path)["nodes"]} <= known
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_our_widgets_hold_spec_defaults_and_fixed_seed_controls(path, spec):
+    """Prompts and file names aside, our nodes carry the spec's defaults; seeds are 'fixed' (a
+    re-queue must not retrain the abductions)."""
+    free = {"source_prompt", "target_prompt", "negative_prompt", "lora_name"}
+    for node in _load(path)["nodes"]:
+        if node["type"] not in spec.BY_ID:
+            continue
+        values = iter(node["widgets_values"])
+        for i in spec.BY_ID[node["type"]].inputs:
+            if not i.is_widget:
+                continue
+            value = next(values)
+            if i.name not in free:
+                assert value == i.default, (node["id"], i.name)
+            if i.control_after_generate:
+                assert next(values) == "fixed", (node["id"], i.name)
+
+
+def test_workflow_contents():
+    """What each example is meant to show."""
+    def types(name):
+        return [n["type"] for n in _load(os.path.join(wt.WORKFLOWS_DIR, name))["nodes"]]
+
+    basic = types("dac_basic_edit.json")
+    for t in ("CheckpointLoaderSimple", "LoadImage", "DACAbductUNetLoRA", "DACAbductTextLoRA",
+              "DACCounterfactualSample", "VAEDecode", "SaveImage", "LossGraphNode"):
+        assert t in basic
+    cn = types("dac_controlnet_edit.json")
+    for t in ("DACApplyLoRAs", "ControlNetLoader", "Canny", "ControlNetApplyAdvanced", "KSampler"):
+        assert t in cn
+    up = _load(os.path.join(wt.WORKFLOWS_DIR, "dac_edit_then_upscale.json"))
+    ks = [n for n in up["nodes"] if n["type"] == "KSampler"]
+    assert len(ks) == 1 and ks[0]["widgets_values"][-1] == 0.5
+    assert [n["widgets_values"][1] for n in up["nodes"] if n["type"] == "LatentUpscaleBy"] == [1.5]
+    share = _load(os.path.join(wt.WORKFLOWS_DIR, "dac_save_and_share.json"))
+    lora = [n for n in share["nodes"] if n["type"] == "LoraLoader"]
+    assert len(lora) == 1 and lora[0]["widgets_values"][1:] == [1.0, -1.0]
+    for t in ("DACSaveLoRA", "DACLoadLoRA", "DACCounterfactualSample", "Note"):
+        assert t in [n["type"] for n in share["nodes"]]
+
+
+def test_ui_to_api_drops_notes_and_control_values_and_keeps_links():
+    ui = _load(os.path.join(wt.WORKFLOWS_DIR, "dac_save_and_share.json"))
+    api = wt.ui_to_api(ui, wt.widget_names())
+    assert "Note" not in {n["class_type"] for n in api.values()}
+    ks_id = next(str(n["id"]) for n in ui["nodes"] if n["type"] == "KSampler")
+    ks = api[ks_id]["inputs"]
+    assert ks["seed"] == 29 and "control_after_generate" not in ks and ks["denoise"] == 1.0
+    load_id = next(str(n["id"]) for n in ui["nodes"] if n["type"] == "LoadImage")
+    assert api[load_id]["inputs"] == {"image": "example.png"}  # the upload button's "image" is UI-only
+    for lid, src, slot, dst, _, _ in ui["links"]:
+        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
+        name = next(i["name"] for i in dst_node["inputs"] if i["link"] == lid)
+        assert api[str(dst)]["inputs"][name] == [str(src), slot]
+    assert wt.ui_to_api(ui, wt.widget_names()) == api  # deterministic
+
+
+# --- the validator catches broken workflows -------------------------------------------------------
+
+@pytest.fixture
+def basic_ui():
+    return _load(os.path.join(wt.WORKFLOWS_DIR, "dac_basic_edit.json"))
+
+
+def test_validator_reports_a_link_of_the_wrong_type(basic_ui):
+    bad = copy.deepcopy(basic_ui)
+    # feed the checkpoint's CLIP (slot 1) into Counterfactual Sample's MODEL input
+    cf = next(n for n in bad["nodes"] if n["type"] == "DACCounterfactualSample")
+    lid = next(i["link"] for i in cf["inputs"] if i["name"] == "model")
+    link = next(link for link in bad["links"] if link[0] == lid)
+    src = next(n for n in bad["nodes"] if n["id"] == link[1])
+    src["outputs"][link[2]]["links"].remove(lid)
+    link[2], link[5] = 1, "CLIP"
+    src["outputs"][1]["links"].append(lid)
+    errors = wt.validate_workflow(bad)
+    assert any(f"link {lid}" in e and "types disagree" in e for e in errors), errors
+
+
+def test_validator_reports_a_link_type_label_that_lies(basic_ui):
+    bad = copy.deepcopy(basic_ui)
+    bad["links"][0][5] = "LATENT"
+    errors = wt.validate_workflow(bad)
+    assert any(f"link {bad['links'][0][0]}" in e and "types disagree" in e for e in errors), errors
+
+
+def test_validator_reports_an_unknown_node(basic_ui):
+    bad = copy.deepcopy(basic_ui)
+    node = next(n for n in bad["nodes"] if n["type"] == "DACAbductTextLoRA")
+    node["type"] = node["properties"]["Node name for S&R"] = "DACAbductTextLoRAv2"
+    errors = wt.validate_workflow(bad)
+    assert any("unknown node type 'DACAbductTextLoRAv2'" in e for e in errors), errors
+    with pytest.raises(ValueError, match="unknown node type"):
+        wt.ui_to_api(bad, wt.widget_names())
+
+
+def test_validator_reports_an_unlinked_required_input_and_a_wrong_widget_count(basic_ui):
+    bad = copy.deepcopy(basic_ui)
+    dec = next(n for n in bad["nodes"] if n["type"] == "VAEDecode")
+    lid = next(i["link"] for i in dec["inputs"] if i["name"] == "vae")
+    bad["links"] = [link for link in bad["links"] if link[0] != lid]
+    for n in bad["nodes"]:
+        for o in n["outputs"]:
+            if lid in (o["links"] or []):
+                o["links"].remove(lid)
+    next(i for i in dec["inputs"] if i["name"] == "vae")["link"] = None
+    cf = next(n for n in bad["nodes"] if n["type"] == "DACCounterfactualSample")
+    cf["widgets_values"].remove("fixed")  # the seed's control value is missing
+    errors = wt.validate_workflow(bad)
+    assert any("required input 'vae' is not linked" in e for e in errors), errors
+    assert any("DACCounterfactualSample" in e and "widgets_values" in e for e in errors), errors
+
+
+def test_validator_reports_an_unknown_input_name(basic_ui):
+    bad = copy.deepcopy(basic_ui)
+    unet = next(n for n in bad["nodes"] if n["type"] == "DACAbductUNetLoRA")
+    unet["inputs"][3]["name"] = "photo"
+    errors = wt.validate_workflow(bad)
+    assert any("unknown input 'photo'" in e for e in errors), errors
+
+
+# --- the node spec -------------------------------------------------------------------------------
+
+def test_spec_node_ids_are_unique(spec):
+    ids = [n.id for n in spec.NODES]
+    assert len(ids) == len(set(ids)) == 6
+    assert set(spec.BY_ID) == set(ids)
+
+
+def test_spec_inputs_have_tooltips_and_nodes_descriptions(spec):
+    for node in spec.NODES:
+        assert node.description.strip(), node.id
+        names = [i.name for i in node.inputs]
+        assert len(names) == len(set(names)), node.id
+        for i in node.inputs:
+            assert isinstance(i.tooltip, str) and i.tooltip.strip(), (node.id, i.name)
+        for o in node.outputs:
+            assert o.tooltip.strip(), (node.id, o.name)
+
+
+def test_spec_display_names(spec):
+    assert [n.display_name for n in spec.NODES] == [
+        "Abduct UNet LoRA", "Abduct Text-Encoder LoRA", "Counterfactual Sample", "Apply DAC LoRAs",
+        "Save DAC LoRA", "Load DAC LoRA",
+    ]
+
+
+def _defaults(spec, node_id):
+    return {i.name: i.default for i in spec.BY_ID[node_id].inputs}
+
+
+def test_spec_defaults_follow_the_paper(spec):
+    unet = _defaults(spec, "DACAbductUNetLoRA")
+    assert (unet["steps"], unet["learning_rate"], unet["rank"]) == (1000, 1e-4, 512)
+    text = _defaults(spec, "DACAbductTextLoRA")
+    assert (text["steps"], text["rank"], text["eta"]) == (1000, 4, 0.8)
+    sample = _defaults(spec, "DACCounterfactualSample")
+    assert (sample["eta"], sample["beta"], sample["seed"], sample["steps"], sample["cfg"]) == (0.8, 1.0, 29, 30, 4.0)
+
+
+def test_spec_widget_defaults_are_in_range(spec):
+    for node in spec.NODES:
+        for i in node.inputs:
+            if i.type in ("INT", "FLOAT") and i.default is not None:
+                assert i.min is None or i.default >= i.min, (node.id, i.name)
+                assert i.max is None or i.default <= i.max, (node.id, i.name)
+            if i.type == "COMBO" and i.options is not None:
+                assert i.default in i.options, (node.id, i.name)
