@@ -134,3 +134,51 @@ def import_pack():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def save_sd15_checkpoint(path: str) -> str:
+    """A single-file checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD 1.5:
+    a one-level 320-channel UNet with 768-wide cross-attention (~26 M parameters, random),
+    a full-size CLIP-L text encoder (random, CLIP-L's shape is fixed by the loader) and a
+    TAESD VAE. Small enough to run whole workflows on a CPU; its images are noise."""
+    import json
+
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    from comfy import model_base
+    from comfy.supported_models_base import ClipTarget
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [1],
+        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+        "use_linear_in_transformer": False, "legacy": False, "use_spatial_transformer": True,
+        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+        "dtype": torch.float32,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_base.BaseModel(comfy.supported_models.SD15(dict(config)), device="cpu")
+        with torch.no_grad():
+            for name, p in model.diffusion_model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+        with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+            hf_config = {k: v for k, v in json.load(f).items() if not k.startswith("_") and k != "architectures"}
+        hf = CLIPTextModel(CLIPTextConfig(**hf_config))
+    clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options={"dtype": torch.float32})
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in hf.state_dict().items()}
+    sd.setdefault("text_projection.weight", torch.eye(768))
+    clip.cond_stage_model.clip_l.transformer.load_state_dict(sd, strict=False)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    comfy.sd.save_checkpoint(path, patcher, clip, tiny_vae())
+    return path

@@ -1,0 +1,208 @@
+"""A real ComfyUI server (subprocess, --cpu) runs the pack's API-format workflows.
+
+Needs COMFYUI_PATH (a ComfyUI checkout whose requirements are installed in this Python).
+The checkpoint is built by tests/comfy_tiny.py: detected as SD 1.5, random weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import comfy_tiny
+from conftest import ROOT
+
+COMFYUI = comfy_tiny.comfyui_path()
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
+CKPT = "dac_tiny_sd15.safetensors"
+FAST = {"steps": 3, "rank": 4, "preview_every": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base, "server.log")
+        self.proc = None
+
+    def start(self):
+        extra = os.path.join(self.base, "extra.yaml")
+        with open(extra, "w") as f:
+            f.write(f"dac_test:\n  base_path: {self.base}\n  is_default: true\n  checkpoints: models/checkpoints\n"
+                    "  loras: models/loras\n  custom_nodes: custom_nodes\n")
+        log = open(self.log_path, "w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-api-nodes", "--output-directory", os.path.join(self.base, "output"),
+             "--input-directory", os.path.join(self.base, "input"), "--extra-model-paths-config", extra],
+            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {open(self.log_path).read()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        raise RuntimeError("ComfyUI did not start in 180 s")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path, data):
+        req = urllib.request.Request(self.url + path, json.dumps(data).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt, timeout=600):
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "dac-tests"})
+        assert status == 200, body
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{body['prompt_id']}")
+            if body["prompt_id"] in history and history[body["prompt_id"]]["status"].get("completed") is not None:
+                entry = history[body["prompt_id"]]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy_tiny.import_comfy(COMFYUI)
+    base = str(tmp_path_factory.mktemp("comfyui"))
+    for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    comfy_tiny.save_sd15_checkpoint(os.path.join(base, "models/checkpoints", CKPT))
+    os.symlink(ROOT, os.path.join(base, "custom_nodes", "dac_pack"))
+    from dac_core.tiny import demo_image
+
+    demo_image((64, 48)).save(os.path.join(base, "input", "example.png"))
+    srv = Server(base).start()
+    yield srv
+    srv.stop()
+    log = open(srv.log_path).read()
+    ours = [line for line in log.splitlines() if "dac_pack" in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    assert not ours, log[-3000:]
+
+
+def load_api(name: str) -> dict:
+    with open(os.path.join(ROOT, "workflows", "api", name)) as f:
+        return json.load(f)
+
+
+def fast(prompt: dict, **extra) -> dict:
+    """The workflow on the test checkpoint with few steps and a small rank."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPT
+        if node["class_type"].startswith("DAC") or node["class_type"] == "KSampler":
+            for k, v in FAST.items():
+                if k in inputs:
+                    inputs[k] = v
+    for node_id, changes in extra.items():
+        prompt[node_id]["inputs"].update(changes)
+    return prompt
+
+
+def images_of(entry) -> list[dict]:
+    return [img for out in entry["outputs"].values() for img in out.get("images", [])]
+
+
+def test_pack_loads_with_every_node(server):
+    info = server.get("/object_info")
+    from workflow_tools import load_spec
+
+    spec = load_spec()
+    for node in spec.NODES:
+        assert node.id in info, node.id
+        assert info[node.id]["display_name"] == node.display_name
+        assert info[node.id]["category"] == "DAC"
+        declared = {**info[node.id]["input"].get("required", {}), **info[node.id]["input"].get("optional", {})}
+        assert [i.name for i in node.inputs] == list(declared)
+
+
+def test_basic_edit_workflow_and_cache(server):
+    prompt = fast(load_api("dac_basic_edit.json"))
+    first = server.run(prompt)
+    assert first["status"]["status_str"] == "success", first["status"]
+    saved = [img for img in images_of(first) if img["type"] == "output"]
+    assert saved and os.path.exists(os.path.join(server.base, "output", saved[0]["subfolder"], saved[0]["filename"]))
+    # A new target prompt: Abduction-1 comes from ComfyUI's cache, Abduction-2 and sampling run again.
+    ids = {node["class_type"]: nid for nid, node in prompt.items()}
+    second_prompt = copy.deepcopy(prompt)
+    second_prompt[ids["DACAbductTextLoRA"]]["inputs"]["target_prompt"] = "A cat wearing a red hat."
+    second = server.run(second_prompt)
+    assert second["status"]["status_str"] == "success"
+    messages = dict((kind, data) for kind, data in second["status"]["messages"])
+    cached = set(messages["execution_cached"]["nodes"])
+    assert ids["DACAbductUNetLoRA"] in cached
+    assert ids["DACAbductTextLoRA"] not in cached and ids["DACCounterfactualSample"] not in cached
+
+
+@pytest.mark.parametrize("name", ["dac_edit_then_upscale.json"])
+def test_workflow_runs(server, name):
+    entry = server.run(fast(load_api(name)))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert images_of(entry)
+
+
+def test_save_and_share_workflow(server):
+    prompt = fast(load_api("dac_save_and_share.json"))
+    ids = {node["class_type"]: nid for nid, node in prompt.items()}
+    # The loaders need the file that Save DAC LoRA writes: run the saving part first.
+    keep = {ids["CheckpointLoaderSimple"], ids["LoadImage"], ids["DACAbductUNetLoRA"], ids["DACAbductTextLoRA"],
+            ids["DACSaveLoRA"]}
+    entry = server.run({k: v for k, v in prompt.items() if k in keep})
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert os.path.exists(os.path.join(server.base, "models/loras/dac/edit_00001_.safetensors"))
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(images_of(entry)) >= 2  # Load DAC LoRA branch and stock LoraLoader branch
+
+
+def test_bad_input_is_an_execution_error_and_the_server_keeps_serving(server):
+    prompt = fast(load_api("dac_basic_edit.json"))
+    ids = {node["class_type"]: nid for nid, node in prompt.items()}
+    bad = copy.deepcopy(prompt)
+    bad[ids["DACAbductUNetLoRA"]]["inputs"]["source_prompt"] = "   "
+    entry = server.run(bad)
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors and "source prompt is empty" in errors[0]["exception_message"]
+    assert errors[0]["node_id"] == ids["DACAbductUNetLoRA"]
+    assert server.run(prompt)["status"]["status_str"] == "success"
