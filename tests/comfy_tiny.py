@@ -136,6 +136,43 @@ def import_pack():
     return sys.modules[name]
 
 
+SD15_TINY = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [1],
+    "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "use_linear_in_transformer": False, "legacy": False, "use_spatial_transformer": True,
+    "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def _init_(module: torch.nn.Module) -> None:
+    """comfy.ops layers are not initialised: small random weights, unit norms, zero biases."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def save_sd15_controlnet(path: str) -> str:
+    """A ControlNet (ComfyUI's LDM layout) for save_sd15_checkpoint's UNet, random weights."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.utils
+
+    config = {k: v for k, v in SD15_TINY.items() if k != "out_channels"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float32, device="cpu",
+                                         operations=comfy.ops.disable_weight_init)
+        _init_(net)
+    comfy.utils.save_torch_file({"control_model." + k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
 def save_sd15_checkpoint(path: str) -> str:
     """A single-file checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD 1.5:
     a one-level 320-channel UNet with 768-wide cross-attention (~26 M parameters, random),
@@ -151,25 +188,11 @@ def save_sd15_checkpoint(path: str) -> str:
     from comfy.supported_models_base import ClipTarget
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = {
-        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [1],
-        "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-        "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-        "use_linear_in_transformer": False, "legacy": False, "use_spatial_transformer": True,
-        "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
-        "dtype": torch.float32,
-    }
+    config = {**SD15_TINY, "dtype": torch.float32}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_base.BaseModel(comfy.supported_models.SD15(dict(config)), device="cpu")
-        with torch.no_grad():
-            for name, p in model.diffusion_model.named_parameters():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02)
+        _init_(model.diffusion_model)
         with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
             hf_config = {k: v for k, v in json.load(f).items() if not k.startswith("_") and k != "architectures"}
         hf = CLIPTextModel(CLIPTextConfig(**hf_config))

@@ -25,6 +25,7 @@ from conftest import ROOT
 COMFYUI = comfy_tiny.comfyui_path()
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
 CKPT = "dac_tiny_sd15.safetensors"
+CONTROLNET = "dac_tiny_sd15_controlnet.safetensors"
 FAST = {"steps": 3, "rank": 4, "preview_every": 2}
 
 
@@ -46,7 +47,7 @@ class Server:
         extra = os.path.join(self.base, "extra.yaml")
         with open(extra, "w") as f:
             f.write(f"dac_test:\n  base_path: {self.base}\n  is_default: true\n  checkpoints: models/checkpoints\n"
-                    "  loras: models/loras\n  custom_nodes: custom_nodes\n")
+                    "  loras: models/loras\n  controlnet: models/controlnet\n  custom_nodes: custom_nodes\n")
         log = open(self.log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -103,9 +104,10 @@ class Server:
 def server(tmp_path_factory):
     comfy_tiny.import_comfy(COMFYUI)
     base = str(tmp_path_factory.mktemp("comfyui"))
-    for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output"):
+    for sub in ("models/checkpoints", "models/loras", "models/controlnet", "custom_nodes", "input", "output"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     comfy_tiny.save_sd15_checkpoint(os.path.join(base, "models/checkpoints", CKPT))
+    comfy_tiny.save_sd15_controlnet(os.path.join(base, "models/controlnet", CONTROLNET))
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "dac_pack"))
     from dac_core.tiny import demo_image
 
@@ -130,6 +132,8 @@ def fast(prompt: dict, **extra) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = CKPT
+        if node["class_type"] == "ControlNetLoader":
+            inputs["control_net_name"] = CONTROLNET
         if node["class_type"].startswith("DAC") or node["class_type"] == "KSampler":
             for k, v in FAST.items():
                 if k in inputs:
@@ -174,7 +178,7 @@ def test_basic_edit_workflow_and_cache(server):
     assert ids["DACAbductTextLoRA"] not in cached and ids["DACCounterfactualSample"] not in cached
 
 
-@pytest.mark.parametrize("name", ["dac_edit_then_upscale.json"])
+@pytest.mark.parametrize("name", ["dac_edit_then_upscale.json", "dac_controlnet_edit.json"])
 def test_workflow_runs(server, name):
     entry = server.run(fast(load_api(name)))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -206,3 +210,24 @@ def test_bad_input_is_an_execution_error_and_the_server_keeps_serving(server):
     assert errors and "source prompt is empty" in errors[0]["exception_message"]
     assert errors[0]["node_id"] == ids["DACAbductUNetLoRA"]
     assert server.run(prompt)["status"]["status_str"] == "success"
+
+
+def test_cancel_during_an_abduction(server):
+    prompt = fast(load_api("dac_basic_edit.json"))
+    ids = {node["class_type"]: nid for nid, node in prompt.items()}
+    prompt[ids["DACAbductUNetLoRA"]]["inputs"].update(steps=100000, seed=1)
+    status, body = server.post("/prompt", {"prompt": prompt, "client_id": "dac-tests"})
+    assert status == 200
+    time.sleep(8)  # well inside Abduction-1
+    started = time.time()
+    server.post("/interrupt", {})
+    while time.time() - started < 60:
+        history = server.get(f"/history/{body['prompt_id']}")
+        if body["prompt_id"] in history:
+            break
+        time.sleep(0.2)
+    entry = history[body["prompt_id"]]
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds
+    assert time.time() - started < 10  # stopped within a step, not after 100000 of them
+    assert server.run(fast(load_api("dac_basic_edit.json")))["status"]["status_str"] == "success"
