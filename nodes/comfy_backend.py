@@ -77,6 +77,17 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
     return x + self.mlp(self.layer_norm2(x))
 
 
+def _checkpointed(forward):
+    """Recompute the block in the backward pass instead of keeping its activations."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def lora_strength_wrapper(strength: Strength, model_sampling, schedule):
     """An APPLY_MODEL wrapper that sets the UNet LoRA strength to schedule(fraction) for the
     sigma of each call (fraction = timestep / 999): DAC's gamma(t) under any sampler."""
@@ -130,6 +141,13 @@ class ComfyBackend(DACBackend):
             self._clip_keys = _existing(self.clip.cond_stage_model,
                                         model_lora_keys_clip(self.clip.cond_stage_model, {}), is_text_target)
         self._fingerprint: str | None = None
+        if gradient_checkpointing:  # object patches: applied on load, undone on unload
+            unet = self.model.model.diffusion_model
+            for group in ("input_blocks", "middle_block", "output_blocks"):
+                blocks = getattr(unet, group)
+                named = [(f"{group}.{i}", b) for i, b in enumerate(blocks)] if group != "middle_block" else [(group, blocks)]
+                for name, block in named:
+                    self.model.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
 
     # --- images and prompts -------------------------------------------------------------
     @torch.no_grad()

@@ -233,3 +233,39 @@ def test_v_prediction_model_trains(pack, image):
     with torch.inference_mode():
         u, _, loss = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 40, 2e-3, 4, 1, "fp32", False, 0).args
     assert np.isfinite(loss["loss"]).all() and len(u) == 79
+
+
+def test_gradient_checkpointing_gives_the_same_training(pack, parts, image):
+    model, clip, vae = parts
+    with torch.inference_mode():
+        plain = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 6, 1e-3, 4, 3, "fp32", False, 0).args[2]
+        ckpt = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 6, 1e-3, 4, 3, "fp32", True, 0).args[2]
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    for m in model.model.modules():  # the object patches were undone: every forward is the class's own again
+        assert getattr(m.forward, "__func__", None) is type(m).forward
+
+
+def test_bf16_training_dtype(pack, parts, image):
+    model, clip, vae = parts
+    with torch.inference_mode():
+        u, _, loss = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 5, 1e-3, 4, 3, "bf16", False, 0).args
+    assert np.isfinite(loss["loss"]).all()
+    assert all(layer.up.dtype == torch.float32 for layer in u.layers.values())  # LoRA weights stay float32
+
+
+def test_progress_bar_moves_and_shows_reconstruction_previews(pack, parts, image):
+    import comfy.utils
+
+    model, clip, vae = parts
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, preview)))
+    try:
+        with torch.inference_mode():
+            pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 6, 1e-3, 4, 3, "fp32", False, 3)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert [v for v, _ in seen] == [1, 2, 3, 4, 5, 6]
+    previews = {v: p for v, p in seen if p is not None}
+    assert set(previews) == {3, 6}
+    kind, picture, _ = previews[3]
+    assert kind == "JPEG" and picture.size == (64, 48)

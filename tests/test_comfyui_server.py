@@ -158,6 +158,9 @@ def test_pack_loads_with_every_node(server):
         assert info[node.id]["category"] == "DAC"
         declared = {**info[node.id]["input"].get("required", {}), **info[node.id]["input"].get("optional", {})}
         assert [i.name for i in node.inputs] == list(declared)
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["dac_pack"]) == ["dac_basic_edit", "dac_controlnet_edit", "dac_edit_then_upscale",
+                                             "dac_save_and_share"]
 
 
 def test_basic_edit_workflow_and_cache(server):
