@@ -69,7 +69,7 @@ _LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant, grad-norm cli
 _DTYPE = In("training_dtype", "COMBO", "Compute dtype while training; LoRA weights stay float32. bf16/fp16 save "
             "memory and time on a GPU.", "fp32", options=("fp32", "bf16", "fp16"))
 _CHECKPOINTING = In("gradient_checkpointing", "BOOLEAN", "Recompute activations in the backward pass: less memory, "
-                    "about 30% slower.", False)
+                    "more time per step.", False)
 _PREVIEW = In("preview_every", "INT", "Show a reconstruction preview every N steps (0: never).", 100, 0, 100000)
 _LOSS = Out("loss", LOSS_MAP, "Loss per step; connect to Plot Loss Graph to see it.")
 
@@ -180,3 +180,31 @@ LOAD = Node(
 
 NODES: tuple[Node, ...] = (ABDUCT_UNET, ABDUCT_TEXT, COUNTERFACTUAL, APPLY, SAVE, LOAD)
 BY_ID = {node.id: node for node in NODES}
+
+
+def reference_markdown() -> str:
+    """NODES.md: every node, input and output with its tooltip (tests keep the file current)."""
+    lines = ["# DAC nodes", "", "Generated from `nodes/spec.py` (`python nodes/spec.py > NODES.md`). Category: "
+             f"**{CATEGORY}**.", ""]
+    for node in NODES:
+        lines += [f"## {node.display_name} (`{node.id}`)", "", node.description, "",
+                  "| input | type | default | effect |", "|---|---|---|---|"]
+        for i in node.inputs:
+            default = "" if i.default is None else f"`{i.default!r}`"
+            if i.options:
+                default += f" (one of {', '.join(i.options)})"
+            if i.min is not None and i.type == "INT":
+                default += f" [{int(i.min)} .. {int(i.max)}]"
+            elif i.min is not None and i.type == "FLOAT":
+                default += f" [{i.min:g} .. {i.max:g}]"
+            kind = i.type + (", optional" if i.optional else "")
+            lines.append(f"| `{i.name}` | {kind} | {default} | {i.tooltip} |")
+        if node.outputs:
+            lines += ["", "| output | type | meaning |", "|---|---|---|"]
+            lines += [f"| `{o.name}` | {o.type} | {o.tooltip} |" for o in node.outputs]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

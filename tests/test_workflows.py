@@ -237,3 +237,9 @@ def test_spec_widget_defaults_are_in_range(spec):
                 assert i.max is None or i.default <= i.max, (node.id, i.name)
             if i.type == "COMBO" and i.options is not None:
                 assert i.default in i.options, (node.id, i.name)
+
+
+def test_nodes_reference_is_current(spec):
+    """NODES.md is generated from nodes/spec.py; regenerate it with `python nodes/spec.py > NODES.md`."""
+    with open(os.path.join(wt.ROOT, "NODES.md"), encoding="utf-8") as f:
+        assert f.read() == spec.reference_markdown()
