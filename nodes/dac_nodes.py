@@ -46,7 +46,7 @@ def _input(node: spec.Node, i: spec.In):
     common = dict(optional=i.optional, tooltip=i.tooltip)
     if i.type == "INT":
         return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step,
-                            control_after_generate=i.control_after_generate or None, **common)
+                            control_after_generate=i.control_after_generate, **common)
     if i.type == "FLOAT":
         return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
     if i.type == "STRING":
