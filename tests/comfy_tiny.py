@@ -205,3 +205,18 @@ def save_sd15_checkpoint(path: str) -> str:
                                                offload_device=torch.device("cpu"))
     comfy.sd.save_checkpoint(path, patcher, clip, tiny_vae())
     return path
+
+
+def tiny_controlnet(flavour: str = "sd1"):
+    """A comfy ControlNet for tiny_model(flavour) (random weights, nonzero zero-convs so it acts)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in unet_config(flavour).items() if k != "out_channels"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, device="cpu",
+                                         operations=comfy.ops.disable_weight_init)
+        _init_(net)
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"))

@@ -269,3 +269,24 @@ def test_progress_bar_moves_and_shows_reconstruction_previews(pack, parts, image
     assert set(previews) == {3, 6}
     kind, picture, _ = previews[3]
     assert kind == "JPEG" and picture.size == (64, 48)
+
+
+def test_counterfactual_sample_carries_controlnet_conditioning(pack, parts, trained, image):
+    """Conditioning from ControlNet Apply goes into the positive/negative inputs: the control
+    acts on the DAC sample; the text embedding is DAC's own."""
+    import nodes as comfy_nodes
+
+    model, clip, _ = parts
+    u, d, *_ = trained
+    control = comfy_tiny.tiny_controlnet()
+    with torch.inference_mode():
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("something else entirely"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        args = (model, clip, u, d, "a red disc with a hat", "", 0.8, 1.0, 29, 3, 4.0, "euler", "normal", 1)
+        (plain,) = pack.CounterfactualSample.execute(*args).args
+        (no_control,) = pack.CounterfactualSample.execute(*args, positive=pos, negative=neg).args
+        pos_c, neg_c = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, image, 1.0, 0.0, 1.0)
+        (controlled,) = pack.CounterfactualSample.execute(*args, positive=pos_c, negative=neg_c).args
+    assert "control" in pos_c[0][1]
+    assert torch.equal(plain["samples"], no_control["samples"])  # the prompt text comes from DAC, not the input
+    assert not torch.allclose(controlled["samples"], plain["samples"])  # the ControlNet acts
