@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -196,12 +197,17 @@ def _run(args) -> int:
     image = args.image
     model = args.model
     if args.demo:
-        from .tiny import demo_image, save_tiny_model
+        from .tiny import config_hash, demo_image, save_tiny_model
 
-        tiny = os.path.join(tempfile.gettempdir(), f"dac-demo-model-{__version__}")
+        tiny = os.path.join(tempfile.gettempdir(), f"dac-demo-model-{config_hash()}")
         if model is None:
             if not os.path.isfile(os.path.join(tiny, "model_index.json")):
-                save_tiny_model(tiny)
+                staging = tempfile.mkdtemp(prefix=".dac-demo-", dir=tempfile.gettempdir())
+                save_tiny_model(staging)
+                try:
+                    os.replace(staging, tiny)  # whole or not at all
+                except OSError:  # another run got there first
+                    shutil.rmtree(staging, ignore_errors=True)
             model = tiny
         if image is None:
             image = demo_image()

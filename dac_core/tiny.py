@@ -127,6 +127,14 @@ def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
     )
 
 
+def config_hash(flavour: str = "sd1", seed: int = 0) -> str:
+    """Identifies a tiny model's configs and seed: a saved copy is reused only if it matches."""
+    import hashlib
+
+    parts = [UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG, flavour, seed]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def save_tiny_model(path: str, flavour: str = "sd1", seed: int = 0) -> str:
     """Write a tiny pipeline as a diffusers folder at `path` (what `--model` accepts)."""
     tiny_pipeline(flavour, seed).save_pretrained(path, safe_serialization=True)
