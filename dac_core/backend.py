@@ -9,6 +9,7 @@ noise-level fractions 0 (clean) .. 1 (pure noise) in sampling, so any sampler fi
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,18 @@ UNET = "unet"
 # frozen extra LoRA T fitted on the source prompt (DAC_SPEC.md, "complex images").
 TEXT_DELTA = "delta"
 TEXT_EXTRA = "extra"
+
+
+def fingerprint_weights(named_tensors, salt: str = "") -> str:
+    """16 hex digits of sha256 over names, shapes and a strided sample of every tensor: cheap
+    on multi-GB models, and different for any other base model."""
+    h = hashlib.sha256(salt.encode())
+    for name, tensor in sorted(named_tensors, key=lambda kv: kv[0]):
+        flat = tensor.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -8,19 +8,17 @@ input, so one batch can mix timesteps (the reference is limited to batch size 1)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
+from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from .errors import DACError
-from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, LoRALayer, check_fits, text_encoder_stem, unet_stem
+from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, LoRALayer, fitting_part, text_encoder_stem, unet_stem
 
 log = logging.getLogger("dac_core")
 
@@ -179,13 +177,7 @@ class DiffusersBackend(DACBackend):
         model = self._model_of(name)
         self.detach_lora(name)
         targets = self._targets(name)
-        part = lora.unet if name == UNET else lora.text_encoder
-        if len(part) == 0:
-            other = "text-encoder" if name == UNET else "UNet"
-            has = f"it holds {other} layers only" if len(lora) else "it is empty"
-            want = "a UNet" if name == UNET else "a text-encoder"
-            raise DACError(f"{lora.source} is not {want} LoRA: {has}")
-        check_fits(part, {s: m.weight.shape for s, m in targets.items()}, lora.source)
+        part = fitting_part(lora, name == UNET, {s: m.weight.shape for s, m in targets.items()})
         modules = {self._module_name(name, s): s for s in part.layers}
         ranks = {n: part.layers[s].rank for n, s in modules.items()}
         alphas = {n: part.layers[s].alpha for n, s in modules.items()}
@@ -318,22 +310,14 @@ class DiffusersBackend(DACBackend):
         return latents
 
     def fingerprint(self) -> str:
-        """sha256 over the configs and a strided sample of every weight, 16 hex digits."""
+        """Of the configs and weights of UNet, text encoder and VAE (LoRAs excluded)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
+            configs, tensors = [], []
             for label, m in (("unet", self.unet), ("text_encoder", self.text_encoder), ("vae", self.vae)):
                 config = getattr(m, "config", None)
-                h.update(label.encode())
                 config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-                config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-                h.update(json.dumps(config, sort_keys=True, default=str).encode())
-                for n, p in sorted(m.state_dict().items()):
-                    if "lora_" in n:
-                        continue
-                    n = n.replace(".base_layer", "")
-                    flat = p.detach().reshape(-1)
-                    h.update(n.encode())
-                    h.update(str(tuple(p.shape)).encode())
-                    h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+                configs.append({k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"})
+                tensors += [(f"{label}.{n.replace('.base_layer', '')}", p) for n, p in m.state_dict().items()
+                            if "lora_" not in n]
+            self._fingerprint = fingerprint_weights(tensors, json.dumps(configs, sort_keys=True, default=str))
         return self._fingerprint

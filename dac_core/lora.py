@@ -244,6 +244,17 @@ def load_lora(path: str | os.PathLike) -> LoRA:
     return lora
 
 
+def fitting_part(lora: LoRA, unet: bool, weight_shapes: dict[str, torch.Size]) -> LoRA:
+    """The UNet (or text-encoder) layers of `lora`, checked against the model's weight shapes.
+    A LoRA with none of them, or one that does not fit, is a DACError naming `lora.source`."""
+    part = lora.unet if unet else lora.text_encoder
+    if len(part) == 0:
+        has = f"it holds {'text-encoder' if unet else 'UNet'} layers only" if len(lora) else "it is empty"
+        raise DACError(f"{lora.source} is not {'a UNet' if unet else 'a text-encoder'} LoRA: {has}")
+    check_fits(part, weight_shapes, lora.source)
+    return part
+
+
 def check_fits(lora: LoRA, weight_shapes: dict[str, torch.Size], source: str) -> None:
     """Raise a DACError naming `source` and the first layer of `lora` that does not fit.
 

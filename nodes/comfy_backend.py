@@ -13,7 +13,6 @@ The input MODEL and CLIP are cloned first; nothing is attached to them.
 
 from __future__ import annotations
 
-import hashlib
 import types
 import uuid
 
@@ -26,9 +25,9 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 from comfy.lora import model_lora_keys_clip, model_lora_keys_unet
-from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
+from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from ..dac_core.errors import DACError
-from ..dac_core.lora import LoRA, LoRALayer, check_fits, is_text_target, is_unet_target
+from ..dac_core.lora import LoRA, LoRALayer, fitting_part, is_text_target, is_unet_target
 
 TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -202,13 +201,7 @@ class ComfyBackend(DACBackend):
     def attach_lora(self, name, lora, trainable=False):
         self.detach_lora(name)
         patcher, keys = self._patcher_keys(name)
-        part = lora.unet if name == UNET else lora.text_encoder
-        if len(part) == 0:
-            other = "text-encoder" if name == UNET else "UNet"
-            has = f"it holds {other} layers only" if len(lora) else "it is empty"
-            raise DACError(f"{lora.source} is not {'a UNet' if name == UNET else 'a text-encoder'} LoRA: {has}")
-        check_fits(part, self.lora_shapes(name), lora.source)
-        layers = part.layers
+        layers = fitting_part(lora, name == UNET, self.lora_shapes(name)).layers
         self.strengths[name].value = 1.0
         wrappers = {}
         for stem, layer in layers.items():
@@ -332,13 +325,7 @@ class ComfyBackend(DACBackend):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for n, p in sorted(self.model.model.diffusion_model.state_dict().items()):
-                flat = p.detach().reshape(-1)
-                h.update(n.encode())
-                h.update(str(tuple(p.shape)).encode())
-                h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = fingerprint_weights(self.model.model.diffusion_model.state_dict().items())
         return self._fingerprint
 
 

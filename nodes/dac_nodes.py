@@ -18,7 +18,6 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..dac_core import stages
-from ..dac_core.backend import TEXT_EXTRA
 from ..dac_core.errors import DACError
 from ..dac_core.lora import LoRA, load_lora, merge, save_lora
 from . import spec

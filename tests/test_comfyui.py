@@ -7,7 +7,6 @@ models built in code (tests/comfy_tiny.py) with the same weights as dac_core.tin
 from __future__ import annotations
 
 import importlib
-import os
 
 import numpy as np
 import pytest
