@@ -1,0 +1,226 @@
+"""A small Stable-Diffusion-architecture text-to-image model of the synthetic world.
+
+AutoencoderKL + UNet2DConditionModel + CLIPTextModel + CLIPTokenizer + a DDIM scheduler,
+in diffusers format, trained from scratch on `dac_core.world` scenes rendered on the fly:
+first the VAE (reconstruction + a small KL term), then the UNet together with the text
+encoder (noise-prediction MSE, 10% empty captions for classifier-free guidance).
+Reproducible from the seed; sized to train on 2 CPU cores.
+
+    python -m dac_core.world_model --out world_model --vae-minutes 15 --unet-minutes 90
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world as W
+from .tiny import _bytes_to_unicode
+
+log = logging.getLogger("dac_core")
+
+WORDS = sorted(set(W.SHAPES) | set(W.COLOURS) | set(W.TEXTURES) | set(W.SIZES)
+               | {"left", "right", "middle", "on", "the", "in", "a", "and", "background"})
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 32, 32), sample_size=W.SIZE,
+)  # 64x64 pixels <-> 16x16x4 latents
+UNET_CONFIG = dict(
+    sample_size=W.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32,
+    block_out_channels=(64, 96, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=4,
+)
+TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=77, projection_dim=128)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def world_tokenizer():
+    """A CLIPTokenizer whose BPE merges make every world word one token (any other text
+    still tokenizes, by characters). Merge order is settled so no word's merges block
+    another's."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+
+    def word_merges(w):
+        symbols = list(w[:-1]) + [w[-1] + "</w>"]
+        cur, out = symbols[0], []
+        for s in symbols[1:]:
+            out.append((cur, s))
+            cur = cur + s
+        return out
+
+    order = list(WORDS)
+    for _ in range(len(WORDS)):
+        vocab = {c: i for i, c in enumerate(chars)}
+        vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+        merges: list[str] = []
+        for w in order:
+            for a, b in word_merges(w):
+                if f"{a} {b}" not in merges:
+                    merges.append(f"{a} {b}")
+                vocab.setdefault(a + b, len(vocab))
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+                json.dump(vocab, f)
+            with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+            tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+        tok.model_max_length = 77
+        split = [w for w in WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
+        if not split:
+            return tok
+        order = split + [w for w in order if w not in split]
+    raise RuntimeError(f"could not make these words single tokens: {split}")
+
+
+def build_pipeline(seed: int = 0):
+    """The untrained pipeline (random weights from `seed`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = world_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = [W.random_scene(rng) for _ in range(size)]
+    images = np.stack([np.asarray(W.render(s), np.float32) for s in scenes]) / 127.5 - 1
+    return torch.from_numpy(images).permute(0, 3, 1, 2), [W.caption(s) for s in scenes]
+
+
+def _until(minutes: float, steps: int | None):
+    start = time.time()
+    step = 0
+    while (steps is None or step < steps) and (time.time() - start) < minutes * 60:
+        yield step
+        step += 1
+
+
+def train_vae(pipe, minutes: float, steps: int | None = None, batch_size: int = 32, lr: float = 1e-3,
+              kl_weight: float = 1e-6, seed: int = 0) -> list[float]:
+    vae = pipe.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    rng, losses = random.Random(seed), []
+    torch.manual_seed(seed)
+    for step in _until(minutes, steps):
+        x, _ = batch(rng, batch_size)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log.info("vae step %d loss %.5f", step, loss.item())
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+def train_unet(pipe, minutes: float, steps: int | None = None, batch_size: int = 32, lr: float = 3e-4,
+               drop_caption: float = 0.1, seed: int = 0) -> list[float]:
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, text_encoder, vae, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.vae, pipe.tokenizer
+    # latent scale: unit variance of the VAE's latents on the world
+    rng = random.Random(seed + 1)
+    with torch.no_grad():
+        x, _ = batch(rng, 256)
+        std = float(vae.encode(x).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    losses = []
+    torch.manual_seed(seed)
+    for step in _until(minutes, steps):
+        x, captions = batch(rng, batch_size)
+        captions = ["" if rng.random() < drop_caption else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log.info("unet step %d loss %.5f", step, loss.item())
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return losses
+
+
+def evaluate(pipe, n: int = 50, seed: int = 999, steps: int = 30, cfg: float = 4.0) -> float:
+    """Fraction of images generated from captions of unseen scenes that match every attribute."""
+    rng = random.Random(seed)
+    ok = 0
+    for k in range(n):
+        scene = W.random_scene(rng)
+        image = pipe(W.caption(scene), num_inference_steps=steps, guidance_scale=cfg, height=W.SIZE, width=W.SIZE,
+                     generator=torch.Generator().manual_seed(k)).images[0]
+        ok += W.check(scene, image).all_ok
+    return ok / n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the world model (see module docstring).")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae-minutes", type=float, default=15)
+    p.add_argument("--unet-minutes", type=float, default=90)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", type=int, default=50, help="generated images to check at the end (0: none)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    pipe = build_pipeline(args.seed)
+    log.info("parameters: vae %.2fM unet %.2fM text %.2fM", *(sum(q.numel() for q in m.parameters()) / 1e6
+             for m in (pipe.vae, pipe.unet, pipe.text_encoder)))
+    vae_losses = train_vae(pipe, args.vae_minutes, batch_size=args.batch_size, seed=args.seed)
+    unet_losses = train_unet(pipe, args.unet_minutes, batch_size=args.batch_size, seed=args.seed)
+    pipe.save_pretrained(args.out, safe_serialization=True, variant=None)
+    record = {"seed": args.seed, "vae_steps": len(vae_losses), "unet_steps": len(unet_losses),
+              "vae_final_loss": float(np.mean(vae_losses[-50:])), "unet_final_loss": float(np.mean(unet_losses[-50:])),
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.eval:
+        record["match_rate"] = evaluate(pipe, args.eval)
+    with open(os.path.join(args.out, "training.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    log.info("done: %s", record)
+
+
+if __name__ == "__main__":
+    main()
