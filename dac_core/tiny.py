@@ -73,23 +73,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def tiny_tokenizer():
-    """A CLIPTokenizer over single bytes (no merges): one token per character, 77 max."""
-    from transformers import CLIPTokenizer
-
+def byte_vocab() -> dict[str, int]:
+    """CLIP's byte-level base vocabulary: every byte, alone and word-final ("</w>")."""
     chars = list(_bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
+    return vocab
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: list[str]):
+    """A CLIPTokenizer (77 tokens) from a vocabulary and BPE merges; adds the two specials."""
+    from transformers import CLIPTokenizer
+
+    vocab = {**vocab, "<|startoftext|>": len(vocab)}
     vocab["<|endoftext|>"] = len(vocab)
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f)
         with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
+            f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
         tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
     tok.model_max_length = 77
     return tok
+
+
+def tiny_tokenizer():
+    """A CLIPTokenizer over single bytes (no merges): one token per character, 77 max."""
+    return clip_tokenizer(byte_vocab(), [])
 
 
 def tiny_pipeline(flavour: str = "sd1", seed: int = 0):

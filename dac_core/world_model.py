@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
-from .tiny import _bytes_to_unicode
+from .tiny import byte_vocab, clip_tokenizer
 
 log = logging.getLogger("dac_core")
 
@@ -53,10 +52,6 @@ def world_tokenizer():
     """A CLIPTokenizer whose BPE merges make every world word one token (any other text
     still tokenizes, by characters). Merge order is settled so no word's merges block
     another's."""
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-
     def word_merges(w):
         symbols = list(w[:-1]) + [w[-1] + "</w>"]
         cur, out = symbols[0], []
@@ -67,23 +62,14 @@ def world_tokenizer():
 
     order = list(WORDS)
     for _ in range(len(WORDS)):
-        vocab = {c: i for i, c in enumerate(chars)}
-        vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+        vocab = byte_vocab()
         merges: list[str] = []
         for w in order:
             for a, b in word_merges(w):
                 if f"{a} {b}" not in merges:
                     merges.append(f"{a} {b}")
                 vocab.setdefault(a + b, len(vocab))
-        vocab["<|startoftext|>"] = len(vocab)
-        vocab["<|endoftext|>"] = len(vocab)
-        with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-                json.dump(vocab, f)
-            with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-            tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
-        tok.model_max_length = 77
+        tok = clip_tokenizer(vocab, merges)
         split = [w for w in WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
         if not split:
             return tok
