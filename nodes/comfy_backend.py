@@ -140,6 +140,8 @@ class ComfyBackend(DACBackend):
             self._clip_keys = _existing(self.clip.cond_stage_model,
                                         model_lora_keys_clip(self.clip.cond_stage_model, {}), is_text_target)
         self._fingerprint: str | None = None
+        self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
+        self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews
         if gradient_checkpointing:  # object patches: applied on load, undone on unload
             unet = self.model.model.diffusion_model
             for group in ("input_blocks", "middle_block", "output_blocks"):
@@ -254,12 +256,9 @@ class ComfyBackend(DACBackend):
                      for key, w in self.wrappers[name].items()})
 
     def set_lora_scale(self, name, scale):
-        if isinstance(scale, torch.Tensor):
-            self._pending_unet_scale = scale.detach().float().cpu()
-            scale = float(scale.reshape(-1)[0])
-        elif name == UNET:
-            self._pending_unet_scale = None
-        self.strengths[name].value = float(scale)
+        if name == UNET:  # a per-sample [B] strength is applied sample-group by sample-group in loss()
+            self._unet_per_sample = scale.detach().float().cpu() if isinstance(scale, torch.Tensor) else None
+        self.strengths[name].value = float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) else float(scale)
 
     # --- training and sampling ----------------------------------------------------------
     def _load(self, patcher) -> None:
@@ -269,7 +268,7 @@ class ComfyBackend(DACBackend):
         self._load(self.model)
         ms = self.model_sampling
         sigma = ms.sigma(timesteps.float()).to(latents.device)
-        per_sample = getattr(self, "_pending_unet_scale", None)
+        per_sample = self._unet_per_sample
         losses = []
         groups = [slice(0, latents.shape[0])]
         if per_sample is not None and per_sample.numel() > 1 and not bool((per_sample == per_sample[0]).all()):
@@ -310,7 +309,7 @@ class ComfyBackend(DACBackend):
     def preview(self, latents: LatentDistribution):
         """A reconstruction preview: the model's x0 estimate from the photo noised to t = 500,
         with the source conditioning the stage last used (None without a VAE)."""
-        if self.vae is None or getattr(self, "_last_cond", None) is None:
+        if self.vae is None or self._last_cond is None:
             return None
         from PIL import Image
 

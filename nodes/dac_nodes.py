@@ -5,6 +5,7 @@ Schemas come from nodes/spec.py (plain data, tested without ComfyUI).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -93,13 +94,19 @@ def _progress(total: int, preview=None):
     return update
 
 
-def _train(backend: ComfyBackend, fn):
-    """Run a training stage with gradients inside ComfyUI's inference mode; clean up always."""
+@contextlib.contextmanager
+def _released(backend: ComfyBackend):
+    """Unload the backend's clones when the node ends: finished, failed or cancelled."""
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            return fn()
+        yield
     finally:
         release(backend.model, backend.clip.patcher if backend.clip is not None else None)
+
+
+def _train(backend: ComfyBackend, fn):
+    """Run a training stage with gradients inside ComfyUI's inference mode."""
+    with _released(backend), torch.inference_mode(False), torch.enable_grad():
+        return fn()
 
 
 class AbductUNetLoRA(io.ComfyNode):
@@ -180,14 +187,12 @@ class CounterfactualSample(io.ComfyNode):
             except (KeyError, ValueError):
                 raise DACError("the UNet LoRA does not record the source size: connect a LATENT of the wanted "
                                "size (e.g. VAE Encode of the source photo)") from None
-        try:
+        with _released(backend):
             latents = stages.counterfactual_sample(
                 backend, target_prompt, _named(unet_lora, "unet_lora"), _named(text_lora, "text_lora"), size,
                 extra_text_lora=_named(extra_text_lora, "extra_text_lora"), eta=eta, beta=beta,
                 negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed, num_images=batch_size,
                 progress=_progress(steps), decode=False)
-        finally:
-            release(backend.model, backend.clip.patcher if backend.clip is not None else None)
         return io.NodeOutput({"samples": backend.latent_format.process_out(latents).cpu()})
 
 
