@@ -1,4 +1,4 @@
-"""Edit-quality benchmark on the synthetic world (issue 4, in progress).
+"""Edit-quality benchmark on the synthetic world.
 
 Every method edits the same rendered source image with the same model and seeds; the
 checker (`dac_core.world.check`) scores each output against the target spec:
@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from . import world as W
+from .files import atomic_path
 from .image import image_to_tensor, tensor_to_images
 from .stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
+from .world_model import DAC_SETTINGS, shipped_model_path
 
 log = logging.getLogger("dac_core")
 PSNR_MIN = 20.0
@@ -71,43 +74,63 @@ def score(case: W.Case, image) -> Score:
 
 @dataclass
 class Settings:
-    unet_steps: int = 300
-    te_steps: int = 300
-    unet_rank: int = 32
-    te_rank: int = 4
-    lr: float = 1e-4
-    eta: float = 0.8
-    sample_steps: int = 30
-    cfg: float = 4.0
+    """DAC's settings on the world model (defaults: `world_model.DAC_SETTINGS`); every method
+    samples with the same steps and guidance."""
+
+    unet_steps: int = DAC_SETTINGS["unet_steps"]
+    te_steps: int = DAC_SETTINGS["te_steps"]
+    unet_rank: int = DAC_SETTINGS["unet_rank"]
+    te_rank: int = DAC_SETTINGS["te_rank"]
+    lr: float = DAC_SETTINGS["lr"]
+    eta: float = DAC_SETTINGS["eta"]
+    sample_steps: int = DAC_SETTINGS["sample_steps"]
+    cfg: float = DAC_SETTINGS["cfg"]
 
 
-def run_methods(backend, case: W.Case, s: Settings, seeds: list[int]) -> dict[str, list]:
-    """Images (one per seed) of every method for one case."""
+METHODS = ("DAC", "target prompt only", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)",
+           "SDEdit 0.5", "SDEdit 0.75")
+
+
+def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=METHODS) -> dict[str, list]:
+    """Images (one per seed) of each of `methods` for one case."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
     pixels = image_to_tensor(W.render(case.source), (W.SIZE, W.SIZE))
     latents = backend.encode_image(pixels)
     size = (W.SIZE, W.SIZE)
-    u = abduct_unet_lora(backend, latents, case.source_prompt, TrainSettings(s.unet_steps, s.lr, s.unet_rank)).lora
-    delta = abduct_text_lora(backend, latents, case.target_prompt, u, TrainSettings(s.te_steps, s.lr, s.te_rank),
-                             eta=s.eta).lora
-    delta_no_anneal = abduct_text_lora(backend, latents, case.target_prompt, u,
-                                       TrainSettings(s.te_steps, s.lr, s.te_rank), eta=1.0).lora
+    train_u = TrainSettings(s.unet_steps, s.lr, s.unet_rank)
+    train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank)
+    needs_u = {"DAC", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)"} & set(methods)
+    u = abduct_unet_lora(backend, latents, case.source_prompt, train_u).lora if needs_u else None
+    delta = None
+    if {"DAC", "DAC beta=0 (no subtraction)"} & set(methods):
+        delta = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=s.eta).lora
     out: dict[str, list] = {}
 
-    def sample(name, unet_lora, text_lora, eta=s.eta, beta=1.0):
+    def sample(unet_lora, text_lora, eta=s.eta, beta=1.0):
         images = []
         for seed in seeds:
             images += tensor_to_images(counterfactual_sample(
                 backend, case.target_prompt, unet_lora, text_lora, size, eta=eta, beta=beta, steps=s.sample_steps,
                 cfg=s.cfg, seed=seed))
-        out[name] = images
+        return images
 
-    sample("DAC", u, delta)
-    sample("target prompt only", None, None)
-    sample("Abduction-1 only", u, None, eta=1.0)
-    sample("DAC, no annealing (eta=1)", u, delta_no_anneal, eta=1.0)
-    sample("DAC, beta=0", u, delta, beta=0.0)
-    for strength in (0.5, 0.75):
-        out[f"SDEdit {strength}"] = [img2img(backend, case, pixels, strength, seed, s) for seed in seeds]
+    for method in methods:
+        if method == "DAC":
+            out[method] = sample(u, delta)
+        elif method == "target prompt only":
+            out[method] = sample(None, None)
+        elif method == "Abduction-1 only":
+            out[method] = sample(u, None, eta=1.0)
+        elif method == "DAC eta=1 (no annealing)":  # Abduction-2 and sampling both without annealing
+            delta_1 = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=1.0).lora
+            out[method] = sample(u, delta_1, eta=1.0)
+        elif method == "DAC beta=0 (no subtraction)":
+            out[method] = sample(u, delta, beta=0.0)
+        else:
+            strength = float(method.split()[1])
+            out[method] = [img2img(backend, case, pixels, strength, seed, s) for seed in seeds]
     return out
 
 
@@ -124,52 +147,161 @@ def img2img(backend, case: W.Case, pixels, strength: float, seed: int, s: Settin
                 guidance_scale=s.cfg, generator=torch.Generator().manual_seed(seed)).images[0]
 
 
-def run(model: str, cases: list[W.Case], s: Settings, seeds: int = 1, device: str = "cpu") -> dict:
+def run(model: str, cases: list[W.Case], s: Settings, seeds: int = 1, device: str = "cpu",
+        methods=METHODS) -> dict:
+    """Every method on every case; returns the scores (and, per case, the first seed's images
+    under "images", for the picture grid)."""
     from .diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend.from_model(model, device=device)
-    results: dict[str, dict[str, list]] = {}
+    results: dict = {"settings": asdict(s), "seeds": seeds, "model": os.path.basename(os.path.normpath(model)),
+                     "environment": environment(device), "cases": []}
+    images = []
     start = time.time()
     for k, case in enumerate(cases):
-        log.info("case %d/%d (%s): %s -> %s", k + 1, len(cases), case.edit, case.source_prompt, case.target_prompt)
-        for method, images in run_methods(backend, case, s, list(range(seeds))).items():
-            scores = [score(case, img) for img in images]
-            results.setdefault(method, {}).setdefault(case.edit, []).append(
-                {"single": scores[0].__dict__ | {"joint": scores[0].joint},
-                 "best_joint": any(sc.joint for sc in scores)})
-        log.info("%.0f s so far", time.time() - start)
+        outputs = run_methods(backend, case, s, list(range(seeds)), methods)
+        row = {"edit": case.edit, "source": case.source_prompt, "target": case.target_prompt, "methods": {}}
+        for method, imgs in outputs.items():
+            scores = [score(case, img) for img in imgs]
+            row["methods"][method] = {"single": asdict(scores[0]) | {"joint": scores[0].joint},
+                                      "best_joint": any(sc.joint for sc in scores),
+                                      "best_edit": any(sc.edit_ok for sc in scores)}
+        results["cases"].append(row)
+        images.append({m: imgs[0] for m, imgs in outputs.items()})
+        done = time.time() - start
+        joint = " ".join(f"{m}: {'yes' if r['single']['joint'] else 'no'}" for m, r in row["methods"].items())
+        log.info("case %d/%d (%s) joint success: %s | %.0f s so far, about %.0f s left", k + 1, len(cases),
+                 case.edit, joint, done, done / (k + 1) * (len(cases) - k - 1))
+    results["seconds"] = time.time() - start
+    results["images"] = images
     return results
 
 
+def environment(device: str) -> dict:
+    import platform
+
+    return {"device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+            "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def summary(results: dict) -> dict:
+    """method -> edit type (and "overall") -> rates."""
+    out: dict = {}
+    methods = list(results["cases"][0]["methods"]) if results["cases"] else []
+    for method in methods:
+        rows_by_type: dict[str, list] = {}
+        for row in results["cases"]:
+            rows_by_type.setdefault(row["edit"], []).append(row["methods"][method])
+        rows_by_type["overall"] = [r for rs in rows_by_type.values() for r in rs]
+        out[method] = {
+            edit: {"n": len(rows), "edit": float(np.mean([r["single"]["edit_ok"] for r in rows])),
+                   "keep": float(np.mean([r["single"]["preserved"] for r in rows])),
+                   "joint": float(np.mean([r["single"]["joint"] for r in rows])),
+                   "best_joint": float(np.mean([r["best_joint"] for r in rows])),
+                   "psnr": float(np.nanmean([r["single"]["psnr"] for r in rows]))}
+            for edit, rows in rows_by_type.items()}
+    return out
+
+
 def table(results: dict) -> str:
-    lines = [f"{'method':<28}{'edit type':<14}{'edit':>7}{'keep':>7}{'joint':>7}{'best-of-K joint':>17}"]
-    for method, per_type in results.items():
-        for edit, rows in list(per_type.items()) + [("overall", [r for rs in per_type.values() for r in rs])]:
-            n = len(rows)
-            e = np.mean([r["single"]["edit_ok"] for r in rows])
-            p = np.mean([r["single"]["preserved"] for r in rows])
-            j = np.mean([r["single"]["joint"] for r in rows])
-            b = np.mean([r["best_joint"] for r in rows])
-            lines.append(f"{method:<28}{edit:<14}{e:>7.2f}{p:>7.2f}{j:>7.2f}{b:>17.2f}   (n={n})")
+    """Plain-text table: per method, per edit type and overall."""
+    k = results["seeds"]
+    lines = [f"{'method':<28}{'edit type':<14}{'edit':>7}{'keep':>7}{'joint':>7}{f'best-of-{k} joint':>17}{'PSNR':>7}"]
+    for method, per_type in summary(results).items():
+        for edit, r in per_type.items():
+            lines.append(f"{method:<28}{edit:<14}{r['edit']:>7.2f}{r['keep']:>7.2f}{r['joint']:>7.2f}"
+                         f"{r['best_joint']:>17.2f}{r['psnr']:>7.1f}   (n={r['n']})")
     return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    """The README table: joint success per edit type (single seed), then overall figures."""
+    k = results["seeds"]
+    summ = summary(results)
+    types = [t for t in W.EDIT_TYPES if any(row["edit"] == t for row in results["cases"])]
+    head = ["method", *types, "overall edit", "overall keep", "overall joint", f"best-of-{k} joint"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, per_type in summ.items():
+        o = per_type["overall"]
+        cells = [method, *(f"{per_type[t]['joint']:.2f}" for t in types),
+                 f"{o['edit']:.2f}", f"{o['keep']:.2f}", f"**{o['joint']:.2f}**", f"{o['best_joint']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid(results: dict, cases: list[W.Case], per_type: int = 1, scale: int = 2):
+    """A picture: per edit type `per_type` cases; each row the source, then every method's
+    first-seed output, with the target caption above."""
+    from PIL import Image, ImageDraw
+
+    methods = list(results["images"][0]) if results["images"] else []
+    picked = []
+    for edit in W.EDIT_TYPES:
+        picked += [k for k, c in enumerate(cases) if c.edit == edit][:per_type]
+    cell, label_h, text_h, pad = W.SIZE * scale, 24, 14, 4
+    width = pad + (1 + len(methods)) * (cell + pad)
+    height = label_h + len(picked) * (text_h + cell + pad)
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    for j, name in enumerate(["source", *methods]):
+        x = pad + j * (cell + pad)
+        words, lines = name.split(), [""]
+        for w in words:  # wrap headers to the cell width
+            if draw.textlength((lines[-1] + " " + w).strip()) > cell and lines[-1]:
+                lines.append(w)
+            else:
+                lines[-1] = (lines[-1] + " " + w).strip()
+        draw.multiline_text((x, 0), "\n".join(lines[:2]), fill="black", spacing=0)
+    for i, k in enumerate(picked):
+        y = label_h + i * (text_h + cell + pad)
+        case, row = cases[k], results["cases"][k]
+        draw.text((pad, y), f"{case.edit}: {case.target_prompt}", fill="black")
+        tiles = [W.render(case.source), *(results["images"][k][m] for m in methods)]
+        for j, tile in enumerate(tiles):
+            x = pad + j * (cell + pad)
+            out.paste(tile.resize((cell, cell), Image.NEAREST), (x, y + text_h))
+            if j:
+                ok = row["methods"][methods[j - 1]]["single"]["joint"]
+                draw.rectangle((x, y + text_h, x + cell - 1, y + text_h + cell - 1),
+                               outline=(30, 160, 60) if ok else (200, 40, 40), width=2)
+    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="DAC edit-quality benchmark on the synthetic world")
-    p.add_argument("--model", required=True, help="diffusers folder of a world model")
+    p.add_argument("--model", default=None, help="diffusers folder of a world model (default: the shipped one)")
     p.add_argument("--cases", help="case file (JSON list; see dac_core.world.Case); default: 6 per edit type")
-    p.add_argument("--seeds", type=int, default=1, help="K seeds per method for best-of-K")
-    p.add_argument("--json", help="write the raw results here")
-    p.add_argument("--unet-steps", type=int, default=Settings.unet_steps)
-    p.add_argument("--te-steps", type=int, default=Settings.te_steps)
+    p.add_argument("--case-seed", type=int, default=0, help="seed of the default case set (default 0)")
+    p.add_argument("--seeds", type=int, default=4, help="K sampling seeds per method for best-of-K (default 4)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the README table here")
+    p.add_argument("--grid", help="write the picture grid here (PNG)")
+    for f in fields(Settings):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"(default {f.default})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cases = W.load_cases(args.cases) if args.cases else W.default_cases()
-    results = run(args.model, cases, Settings(unet_steps=args.unet_steps, te_steps=args.te_steps), args.seeds)
+    cases = W.load_cases(args.cases) if args.cases else W.default_cases(seed=args.case_seed)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}")
+    results = run(args.model or shipped_model_path(), cases, settings, args.seeds, methods=methods)
     print(table(results))
+    print(f"{len(cases)} cases, {args.seeds} seeds, {results['seconds'] / 60:.1f} min; {results['environment']}")
+    if args.grid:
+        with atomic_path(args.grid) as tmp:
+            grid(results, cases).save(tmp, format="PNG")
+    if args.markdown:
+        with atomic_path(args.markdown) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(markdown(results) + "\n")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        data = {k: v for k, v in results.items() if k != "images"} | {"summary": summary(results)}
+        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from . import __version__
 from .backend import DACBackend
 from .errors import DACError, NonFiniteLossError
 from .files import atomic_path
-from .image import fit_size, image_to_tensor, load_image, tensor_to_images, to_rgb
+from .image import before_after, fit_size, image_to_tensor, load_image, tensor_to_images, to_rgb
 from .lora import LoRA, load_lora, save_lora
 from .schedule import check_eta
 from .stages import TrainSettings, TrainState, abduct_text_lora, abduct_unet_lora, counterfactual_sample
@@ -94,6 +94,7 @@ class EditResult:
     reused_text: bool
     unet_losses: list[float] = field(default_factory=list)
     text_losses: list[float] = field(default_factory=list)
+    before_after_path: str | None = None  # source and edit(s) side by side, captions above
 
 
 def _key(**parts) -> str:
@@ -283,7 +284,12 @@ def edit(
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG", pnginfo=_png_info(record, params, params.seed + i % len(images)))
     record["images"] = [os.path.abspath(p) for p in paths]
+    before_after_path = os.path.join(workdir, "before_after.png")
+    with atomic_path(before_after_path) as tmp:
+        before_after(pil, images, params.source, params.target).save(tmp, format="PNG")
+    record["before_after"] = os.path.abspath(before_after_path)
     record_path = os.path.join(workdir, "dac_edit.json")
     with atomic_path(record_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, default=str)
-    return EditResult(images, paths, unet_path, text_path, record_path, reused_unet, reused_text, unet_losses, text_losses)
+    return EditResult(images, paths, unet_path, text_path, record_path, reused_unet, reused_text, unet_losses,
+                      text_losses, before_after_path)

@@ -72,3 +72,31 @@ def tensor_to_images(images: torch.Tensor) -> list:
 
     arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in arr]
+
+
+def before_after(source, edited: list, source_caption: str, target_caption: str, min_side: int = 256):
+    """One picture: the source photo, then each edited image, captions above, at least
+    `min_side` pixels high (small images are enlarged without smoothing)."""
+    from PIL import Image, ImageDraw
+
+    w, h = edited[0].size
+    scale = max(1, math.ceil(min_side / h))
+    tiles = [source.convert("RGB").resize((w, h), Image.BICUBIC), *edited]
+    tiles = [t.resize((w * scale, h * scale), Image.NEAREST) for t in tiles]
+    pad, text_h = 6, 30
+    out = Image.new("RGB", (pad + len(tiles) * (w * scale + pad), text_h + h * scale + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for i, tile in enumerate(tiles):
+        x = pad + i * (w * scale + pad)
+        label = f"before: {source_caption}" if i == 0 else f"after: {target_caption}"
+        words, lines = label.split(), [""]
+        for word in words:  # wrap to the tile's width, two lines at most
+            if lines[-1] and draw.textlength(f"{lines[-1]} {word}") > w * scale:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        if len(lines) > 2:
+            lines = [lines[0], lines[1][: max(1, len(lines[1]) - 3)] + "..."]
+        draw.multiline_text((x, 2), "\n".join(lines), fill="black", spacing=2)
+        out.paste(tile, (x, text_h))
+    return out

@@ -1,7 +1,10 @@
 """A synthetic world in which edits can be checked exactly.
 
 A scene is a structured spec: a background (colour and texture) and one to three objects,
-each with a shape, colour, size and position. `render` draws it deterministically,
+each with a shape, colour, size and position. Two details are in the spec but not in the
+caption, like the many details of a real photo that no caption names: each object's height
+(`dy`, pixels above or below the middle) and the phase of the stripes or checks (`phase`).
+A caption does not fix the image; only an edit that keeps the source's details preserves it. `render` draws it deterministically,
 `caption` describes it in plain English, and `check` measures an image against a spec:
 per object whether shape, colour, size and position match, and how well the region that
 should not change is preserved. The checker only ever looks at pixels and specs; it is
@@ -10,6 +13,7 @@ never tuned on any method's output.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -35,6 +39,7 @@ TEXTURES = ("plain", "striped", "checked")
 SIZES = {"small": 6, "large": 9}  # radius in pixels at SIZE = 64
 POSITIONS = {"left": 12, "center": 32, "right": 52}  # x of the object's centre; y is the middle
 STRIPE = 8  # period of stripes and checks in pixels
+MAX_DY = 8  # objects stand up to this many pixels above or below the middle
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,8 @@ class Obj:
     shape: str
     colour: str
     size: str
-    position: str
+    position: str  # left, center or right: the x of its centre
+    dy: int = 0  # height of its centre below the middle, in pixels (not in the caption)
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,15 @@ class Scene:
     background: str
     texture: str
     objects: tuple[Obj, ...] = field(default_factory=tuple)
+    phase: int = 0  # shift of the stripes or checks, in pixels (not in the caption)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> Scene:
-        scene = cls(data["background"], data["texture"], tuple(Obj(**o) for o in data["objects"]))
+        scene = cls(data["background"], data["texture"], tuple(Obj(**o) for o in data["objects"]),
+                    data.get("phase", 0))
         return validate(scene)
 
 
@@ -66,6 +74,8 @@ def validate(scene: Scene) -> Scene:
         raise ValueError(f"background {scene.background!r} is not one of {', '.join(BACKGROUND_COLOURS)}")
     if scene.texture not in TEXTURES:
         raise ValueError(f"texture {scene.texture!r} is not one of {', '.join(TEXTURES)}")
+    if not (isinstance(scene.phase, int) and 0 <= scene.phase < STRIPE):
+        raise ValueError(f"phase {scene.phase!r} is not an integer from 0 to {STRIPE - 1}")
     if not 1 <= len(scene.objects) <= 3:
         raise ValueError(f"a scene has one to three objects, not {len(scene.objects)}")
     seen = set()
@@ -73,6 +83,8 @@ def validate(scene: Scene) -> Scene:
         for attr, allowed in (("shape", SHAPES), ("colour", OBJECT_COLOURS), ("size", SIZES), ("position", POSITIONS)):
             if getattr(o, attr) not in allowed:
                 raise ValueError(f"object {attr} {getattr(o, attr)!r} is not one of {', '.join(allowed)}")
+        if not (isinstance(o.dy, int) and -MAX_DY <= o.dy <= MAX_DY):
+            raise ValueError(f"object dy {o.dy!r} is not an integer from {-MAX_DY} to {MAX_DY}")
         if o.position in seen:
             raise ValueError(f"two objects at position {o.position!r}")
         if o.colour == scene.background:
@@ -93,15 +105,20 @@ def texture_colours(scene: Scene) -> tuple[tuple[int, int, int], tuple[int, int,
     return base, second
 
 
+def texture_pattern(texture: str, phase: int = 0) -> np.ndarray:
+    """Boolean [SIZE, SIZE]: where a texture shows its second tone (plain: nowhere)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    half = STRIPE // 2
+    if texture == "plain":
+        return np.zeros((SIZE, SIZE), bool)
+    if texture == "striped":
+        return ((xx + phase) // half) % 2 == 1
+    return (((xx + phase) // half) + ((yy + phase) // half)) % 2 == 1
+
+
 def _background(scene: Scene) -> np.ndarray:
     a, b = texture_colours(scene)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    if scene.texture == "plain":
-        pick = np.zeros((SIZE, SIZE), bool)
-    elif scene.texture == "striped":
-        pick = (xx // (STRIPE // 2)) % 2 == 1
-    else:
-        pick = ((xx // (STRIPE // 2)) + (yy // (STRIPE // 2))) % 2 == 1
+    pick = texture_pattern(scene.texture, scene.phase)
     out = np.empty((SIZE, SIZE, 3), np.uint8)
     out[:] = a
     out[pick] = b
@@ -125,18 +142,26 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def object_mask(obj: Obj) -> np.ndarray:
-    """Boolean [SIZE, SIZE] mask of one object as `render` draws it."""
+    """Boolean [SIZE, SIZE] mask of one object as `render` draws it (read-only)."""
+    return _mask(obj.shape, obj.size, obj.position, obj.dy)
+
+
+@functools.lru_cache(maxsize=None)
+def _mask(shape: str, size: str, position: str, dy: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     img = Image.new("L", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(img)
-    cx, cy, r = POSITIONS[obj.position], SIZE / 2, SIZES[obj.size]
+    obj = Obj(shape, "red", size, position, dy)
+    cx, cy, r = POSITIONS[obj.position], SIZE / 2 + obj.dy, SIZES[obj.size]
     poly = _polygon(obj.shape, cx, cy, r)
     if poly is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
         draw.polygon(poly, fill=255)
-    return np.asarray(img) > 127
+    mask = np.asarray(img) > 127
+    mask.setflags(write=False)
+    return mask
 
 
 def render(scene: Scene):
@@ -169,8 +194,9 @@ def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
     n = n_objects or rng.randint(1, 3)
     positions = rng.sample(list(POSITIONS), n)
     colours = [c for c in OBJECT_COLOURS if c != background]
-    objects = tuple(Obj(rng.choice(SHAPES), rng.choice(colours), rng.choice(list(SIZES)), p) for p in positions)
-    return Scene(background, rng.choice(TEXTURES), objects)
+    objects = tuple(Obj(rng.choice(SHAPES), rng.choice(colours), rng.choice(list(SIZES)), p,
+                        rng.randint(-MAX_DY, MAX_DY)) for p in positions)
+    return Scene(background, rng.choice(TEXTURES), objects, rng.randrange(STRIPE))
 
 
 # --- edits --------------------------------------------------------------------------------
@@ -220,7 +246,8 @@ def make_edit(edit: str, source: Scene, rng: random.Random) -> Case:
             raise ValueError("addition needs a scene with a free position")
         free = [p for p in POSITIONS if p not in {o.position for o in objs}]
         colours = [c for c in OBJECT_COLOURS if c != source.background]
-        objs.append(Obj(rng.choice(SHAPES), rng.choice(colours), rng.choice(list(SIZES)), rng.choice(free)))
+        objs.append(Obj(rng.choice(SHAPES), rng.choice(colours), rng.choice(list(SIZES)), rng.choice(free),
+                        rng.randint(-MAX_DY, MAX_DY)))
     elif edit == "removal":
         if len(objs) != 2:
             raise ValueError("removal takes one of two objects")
@@ -336,12 +363,9 @@ def _check_background(arr: np.ndarray, keep_out: np.ndarray) -> tuple[str, str]:
         return _nearest(np.median(arr[free], axis=0), BACKGROUND_COLOURS), "plain"
     low, high = np.percentile(lum[free], [5, 95])
     light = lum > (low + high) / 2
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    patterns = {
-        "striped": (xx // (STRIPE // 2)) % 2 == 1,
-        "checked": ((xx // (STRIPE // 2)) + (yy // (STRIPE // 2))) % 2 == 1,
-    }
-    agreement = {name: abs((light == p)[free].mean() - 0.5) for name, p in patterns.items()}
+    # the texture whose pattern, at its best phase (not in the caption), agrees most
+    agreement = {name: max(abs((light == texture_pattern(name, phase))[free].mean() - 0.5) for phase in range(STRIPE))
+                 for name in ("striped", "checked")}
     texture = max(agreement, key=agreement.get)
     # Of the two tones, the base colour is the one that is (nearly) a palette colour; the
     # other is its lighter or darker shade.
@@ -380,16 +404,17 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
         best, best_iou = None, 0.0
         for shape in SHAPES:
             for size in SIZES:
-                template = object_mask(Obj(shape, obj.colour, size, obj.position))
-                inter = (template & blob).sum()
-                union = (template | blob).sum()
-                iou = inter / union if union else 0.0
-                if iou > best_iou:
-                    best, best_iou = (shape, size), iou
+                for dy in range(-MAX_DY, MAX_DY + 1):  # the height is not in the caption: try all
+                    template = _mask(shape, size, obj.position, dy)
+                    inter = (template & blob).sum()
+                    union = (template | blob).sum()
+                    iou = inter / union if union else 0.0
+                    if iou > best_iou:
+                        best, best_iou = (shape, size, dy), iou
         if best is None or best_iou < 0.5:
             objects.append(ObjectCheck(obj, None, None, None, best_iou))
             continue
-        core = object_mask(Obj(best[0], obj.colour, best[1], obj.position)) & blob
+        core = _mask(best[0], best[1], obj.position, best[2]) & blob
         colour = _nearest(np.median(arr[core], axis=0), OBJECT_COLOURS) if core.any() else None
         objects.append(ObjectCheck(obj, best[0], colour, best[1], best_iou))
     masks = np.zeros((SIZE, SIZE), bool)
@@ -397,7 +422,7 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
         masks |= object_mask(o)
     around = _dilate(masks, 2)
     extra = [p for p in POSITIONS if p not in grown and (fg & _slot(p) & ~around).sum() > 20]
-    colour, texture = _check_background(arr, around)
+    colour, texture = _check_background(arr, around | _dilate(fg, 1))
     report = Report(objects, colour == scene.background, texture == scene.texture, extra)
     if reference is not None:
         if not isinstance(reference, np.ndarray):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -50,6 +51,32 @@ TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, 
                    max_position_embeddings=77, projection_dim=128)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world_model")
+DEMO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_source.png")
+
+
+# DAC on the world model: the reference defaults scaled to a 4.8 M-parameter UNet (64-128
+# channels; rank 32 is about half rank there). Used by `dac-edit --demo` and the benchmark.
+DAC_SETTINGS = dict(unet_steps=300, te_steps=300, unet_rank=32, te_rank=4, lr=1e-4, eta=0.8, sample_steps=30,
+                    cfg=4.0)
+# The demo: a colour edit of one of two objects (the other and the background must stay).
+DEMO_CASE = W.Case("manipulation",
+                   W.Scene("blue", "striped", (W.Obj("circle", "red", "large", "left"),
+                                               W.Obj("square", "yellow", "small", "right"))),
+                   W.Scene("blue", "striped", (W.Obj("circle", "green", "large", "left"),
+                                               W.Obj("square", "yellow", "small", "right"))))
+
+
+def shipped_model_path() -> str:
+    """The world model that ships with the package (a diffusers folder)."""
+    if not os.path.isfile(os.path.join(SHIPPED, "model_index.json")):
+        from .errors import DACError
+
+        raise DACError(f"the shipped world model is missing from {SHIPPED}: reinstall the package, or retrain it "
+                       "with `python -m dac_core.world_model --out DIR` and pass --model DIR")
+    return SHIPPED
 
 
 def world_tokenizer():
@@ -105,21 +132,23 @@ def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2), [W.caption(s) for s in scenes]
 
 
-def _until(minutes: float, steps: int | None):
-    start = time.time()
-    step = 0
-    while (steps is None or step < steps) and (time.time() - start) < minutes * 60:
-        yield step
-        step += 1
+def _schedule(opt, steps: int, warmup: int = 100):
+    """Linear warm-up, then cosine decay to a tenth of the learning rate at `steps`."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_vae(pipe, minutes: float, steps: int | None = None, batch_size: int = 16, lr: float = 2e-3,
-              kl_weight: float = 1e-6, seed: int = 0) -> list[float]:
+def train_vae(pipe, steps: int, batch_size: int = 16, lr: float = 2e-3, kl_weight: float = 1e-6,
+              seed: int = 0) -> list[float]:
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
     rng, losses = random.Random(seed), []
     torch.manual_seed(seed)
-    for step in _until(minutes, steps):
+    for step in range(steps):
         x, _ = batch(rng, batch_size)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -127,6 +156,7 @@ def train_vae(pipe, minutes: float, steps: int | None = None, batch_size: int = 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if step % 100 == 0:
             log.info("vae step %d loss %.5f", step, loss.item())
@@ -134,43 +164,74 @@ def train_vae(pipe, minutes: float, steps: int | None = None, batch_size: int = 
     return losses
 
 
-def train_unet(pipe, minutes: float, steps: int | None = None, batch_size: int = 32, lr: float = 3e-4,
-               drop_caption: float = 0.1, seed: int = 0) -> list[float]:
+def encode_dataset(vae, tokenizer, n: int, seed: int, chunk: int = 64):
+    """Render `n` random scenes once and keep what the UNet stage needs: the VAE posterior
+    (mean and std, sampled afresh every step) and the caption's token ids."""
+    rng = random.Random(seed)
+    means, stds, ids = [], [], []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, captions = batch(rng, min(chunk, n - start))
+            dist = vae.encode(x).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            ids.append(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids)
+    return torch.cat(means), torch.cat(stds), torch.cat(ids)
+
+
+def train_unet(pipe, steps: int, batch_size: int = 32, lr: float = 5e-4, drop_caption: float = 0.1,
+               dataset_size: int = 32768, ema_decay: float = 0.999, seed: int = 0) -> list[float]:
+    """Train the UNet and the text encoder together on a fixed set of encoded scenes; the
+    saved weights are an exponential moving average of the trained ones."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, text_encoder, vae, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.vae, pipe.tokenizer
+    means, stds, ids = encode_dataset(vae, tokenizer, dataset_size, seed + 1)
     # latent scale: unit variance of the VAE's latents on the world
-    rng = random.Random(seed + 1)
-    with torch.no_grad():
-        x, _ = batch(rng, 256)
-        std = float(vae.encode(x).latent_dist.mean.std())
-    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.register_to_config(scaling_factor=1.0 / float(means[:1024].std()))
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [q.detach().clone() for q in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = _schedule(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
-    torch.manual_seed(seed)
-    for step in _until(minutes, steps):
-        x, captions = batch(rng, batch_size)
-        captions = ["" if rng.random() < drop_caption else c for c in captions]
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+    for step in range(steps):
+        pick = torch.randint(0, dataset_size, (batch_size,), generator=gen)
+        latents = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=gen)) * vae.config.scaling_factor
+        drop = torch.rand(batch_size, generator=gen) < drop_caption
+        tokens = torch.where(drop[:, None], empty, ids[pick])
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(tokens)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
         losses.append(loss.item())
         if step % 100 == 0:
-            log.info("unet step %d loss %.5f", step, loss.item())
+            log.info("unet step %d loss %.5f (mean of last 100: %.5f)", step, loss.item(), np.mean(losses[-100:]))
+    with torch.no_grad():
+        for q, e in zip(params, ema):
+            q.copy_(e)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return losses
+
+
+def save_model(pipe, out: str) -> None:
+    """The pipeline as a diffusers folder with float16 weights (half the size; loaders cast
+    them back to the dtype they are asked for)."""
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
 
 
 @torch.no_grad()
@@ -190,24 +251,36 @@ def vae_match_rate(vae, n: int = 50, seed: int = 998) -> float:
     return ok / n
 
 
-def evaluate(pipe, n: int = 50, seed: int = 999, steps: int = 30, cfg: float = 4.0) -> float:
-    """Fraction of images generated from captions of unseen scenes that match every attribute."""
+def training_captions(n: int = 32768, seed: int = 1) -> set[str]:
+    """The captions of the UNet stage's training scenes (`encode_dataset(..., n, seed)`)."""
     rng = random.Random(seed)
-    ok = 0
-    for k in range(n):
+    return {W.caption(W.random_scene(rng)) for _ in range(n)}
+
+
+def evaluate(pipe, n: int = 50, seed: int = 999, steps: int = 30, cfg: float = 4.0,
+             exclude: set[str] = frozenset()) -> float:
+    """Fraction of images generated from captions of unseen scenes (none in `exclude`) that
+    match every attribute."""
+    pipe.set_progress_bar_config(disable=True)
+    rng = random.Random(seed)
+    ok = k = 0
+    while k < n:
         scene = W.random_scene(rng)
+        if W.caption(scene) in exclude:
+            continue
         image = pipe(W.caption(scene), num_inference_steps=steps, guidance_scale=cfg, height=W.SIZE, width=W.SIZE,
                      generator=torch.Generator().manual_seed(k)).images[0]
         ok += W.check(scene, image).all_ok
+        k += 1
     return ok / n
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the world model (see module docstring).")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vae-minutes", type=float, default=25)
-    p.add_argument("--unet-minutes", type=float, default=90)
-    p.add_argument("--batch-size", type=int, default=32, help="UNet batch size (the VAE uses 16)")
+    p.add_argument("--out", required=True, help="folder for the diffusers pipeline")
+    p.add_argument("--vae-steps", type=int, default=1800, help="VAE steps (batch 16)")
+    p.add_argument("--unet-steps", type=int, default=3600, help="UNet + text-encoder steps")
+    p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", type=int, default=50, help="generated images to check at the end (0: none)")
     args = p.parse_args(argv)
@@ -216,16 +289,34 @@ def main(argv=None) -> None:
     pipe = build_pipeline(args.seed)
     log.info("parameters: vae %.2fM unet %.2fM text %.2fM", *(sum(q.numel() for q in m.parameters()) / 1e6
              for m in (pipe.vae, pipe.unet, pipe.text_encoder)))
-    vae_losses = train_vae(pipe, args.vae_minutes, seed=args.seed)
-    vae_rate = vae_match_rate(pipe.vae)
-    log.info("VAE reconstructions passing the checker: %.2f", vae_rate)
-    unet_losses = train_unet(pipe, args.unet_minutes, batch_size=args.batch_size, seed=args.seed)
-    pipe.save_pretrained(args.out, safe_serialization=True, variant=None)
-    record = {"seed": args.seed, "vae_steps": len(vae_losses), "unet_steps": len(unet_losses),
-              "vae_final_loss": float(np.mean(vae_losses[-50:])), "vae_match_rate": vae_rate, "unet_final_loss": float(np.mean(unet_losses[-50:])),
+    os.makedirs(args.out, exist_ok=True)
+    vae_record_path = os.path.join(args.out, "training_vae.json")
+    vae_record = {"seed": args.seed, "vae_steps": args.vae_steps}
+    if os.path.exists(vae_record_path) and json.load(open(vae_record_path))["settings"] == vae_record:
+        from diffusers import AutoencoderKL
+        pipe.vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae")).requires_grad_(False)
+        vae_record = json.load(open(vae_record_path))
+        log.info("reusing the VAE in %s", args.out)
+    else:
+        start = time.time()
+        vae_losses = train_vae(pipe, args.vae_steps, seed=args.seed)
+        pipe.vae.save_pretrained(os.path.join(args.out, "vae"))
+        vae_record = {"settings": vae_record, "minutes": (time.time() - start) / 60,
+                      "final_loss": float(np.mean(vae_losses[-50:])), "match_rate": vae_match_rate(pipe.vae)}
+        with open(vae_record_path, "w", encoding="utf-8") as f:
+            json.dump(vae_record, f, indent=1)
+    log.info("VAE: %s", vae_record)
+    if not args.unet_steps:
+        return
+    start = time.time()
+    unet_losses = train_unet(pipe, args.unet_steps, batch_size=args.batch_size, seed=args.seed)
+    save_model(pipe, args.out)
+    record = {"seed": args.seed, "vae": vae_record, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+              "unet_minutes": (time.time() - start) / 60, "unet_final_loss": float(np.mean(unet_losses[-100:])),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.eval:
-        record["match_rate"] = evaluate(pipe, args.eval)
+        record["match_rate"] = evaluate(pipe, args.eval, exclude=training_captions(seed=args.seed + 1))
+        record["eval_images"] = args.eval
     with open(os.path.join(args.out, "training.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     log.info("done: %s", record)

@@ -1,5 +1,6 @@
-"""Scoring of the edit benchmark (issue 4, in progress): the checker decides, per case."""
+"""The edit benchmark: scoring by the checker, the methods, and its outputs (table, JSON, grid)."""
 
+import json
 import random
 
 import pytest
@@ -35,6 +36,35 @@ def test_methods_run_end_to_end_on_a_tiny_model(make_backend):
     backend = make_backend("sd1")
     images = bench.run_methods(backend, case, bench.Settings(unet_steps=2, te_steps=2, unet_rank=4, sample_steps=2),
                                seeds=[0])
-    assert set(images) == {"DAC", "target prompt only", "Abduction-1 only", "DAC, no annealing (eta=1)",
-                           "DAC, beta=0", "SDEdit 0.5", "SDEdit 0.75"}
+    assert set(images) == {"DAC", "target prompt only", "Abduction-1 only", "DAC eta=1 (no annealing)",
+                           "DAC beta=0 (no subtraction)", "SDEdit 0.5", "SDEdit 0.75"}
     assert all(len(v) == 1 and v[0].size == (64, 64) for v in images.values())
+
+
+def test_command_on_a_case_file_writes_table_json_markdown_and_grid(tmp_path, tiny_model_dirs, capsys):
+    from PIL import Image
+
+    cases = [W.default_cases(per_type=1)[k] for k in (0, 4)]  # a manipulation and a style edit
+    W.save_cases(cases, tmp_path / "cases.json")
+    out = {name: tmp_path / name for name in ("r.json", "r.md", "grid.png")}
+    bench.main(["--model", tiny_model_dirs["sd1"], "--cases", str(tmp_path / "cases.json"), "--seeds", "2",
+                "--unet-steps", "2", "--te-steps", "2", "--unet-rank", "4", "--sample-steps", "2",
+                "--json", str(out["r.json"]), "--markdown", str(out["r.md"]), "--grid", str(out["grid.png"])])
+    printed = capsys.readouterr().out
+    assert "best-of-2 joint" in printed and "manipulation" in printed and "style" in printed
+
+    data = json.loads(out["r.json"].read_text())
+    assert [c["edit"] for c in data["cases"]] == ["manipulation", "style"]
+    assert data["seeds"] == 2 and data["settings"]["unet_steps"] == 2
+    assert {"device", "dtype", "threads"} <= set(data["environment"])
+    assert data["summary"]["DAC"]["overall"]["n"] == 2
+    for method, rows in data["summary"].items():  # figures are rates computed from the rows
+        joint = [c["methods"][method]["single"]["joint"] for c in data["cases"]]
+        assert rows["overall"]["joint"] == sum(joint) / 2
+
+    md = out["r.md"].read_text().splitlines()
+    assert md[0].startswith("| method | manipulation | style |") and len(md) == 2 + len(data["summary"])
+
+    grid = Image.open(out["grid.png"])
+    assert grid.width > (1 + len(data["summary"])) * W.SIZE * 2  # source + every method, 2x
+    assert grid.height > 2 * W.SIZE * 2  # one row per edit type present

@@ -44,10 +44,26 @@ def test_render_is_deterministic_and_spec_sensitive():
     (W.Scene("green", "plain", (W.Obj("circle", "green", "small", "left"),)), "a green object on a green background"),
     (W.Scene("green", "plain", (W.Obj("circle", "red", "small", "left"), W.Obj("star", "blue", "large", "left"))),
      "two objects at position 'left'"),
+    (W.Scene("green", "plain", (W.Obj("circle", "red", "small", "left", dy=9),)), "object dy 9 is not an integer"),
+    (W.Scene("green", "striped", (W.Obj("circle", "red", "small", "left"),), phase=8), "phase 8 is not an integer"),
 ])
 def test_invalid_specs_are_named(scene, message):
     with pytest.raises(ValueError, match=message):
         W.validate(scene)
+
+
+def test_height_and_phase_are_in_the_image_not_in_the_caption():
+    """Like a photo's uncaptioned details: the same caption, other pixels; the checker reads
+    attributes (any height, any phase), and only the PSNR against the source tells them apart."""
+    moved = W.Scene("green", "striped", (W.Obj("circle", "red", "small", "left", dy=-6), SCENE.objects[1]), phase=3)
+    assert W.caption(moved) == W.caption(SCENE)
+    assert W.render(moved).tobytes() != W.render(SCENE).tobytes()
+    assert W.check(SCENE, W.render(moved)).all_ok and W.check(moved, W.render(SCENE)).all_ok
+    report = W.check(SCENE, W.render(moved), reference=W.render(SCENE), reference_scene=SCENE)
+    assert report.psnr < 15  # the stripes are out of phase
+    rng = random.Random(5)
+    scenes = [W.random_scene(rng) for _ in range(50)]
+    assert len({s.phase for s in scenes}) == W.STRIPE and len({o.dy for s in scenes for o in s.objects}) > 10
 
 
 def test_checker_passes_the_scene_itself():
