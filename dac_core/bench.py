@@ -272,6 +272,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="diffusers folder of a world model (default: the shipped one)")
     p.add_argument("--cases", help="case file (JSON list; see dac_core.world.Case); default: 6 per edit type")
     p.add_argument("--case-seed", type=int, default=0, help="seed of the default case set (default 0)")
+    p.add_argument("--per-type", type=int, default=6, help="cases per edit type of the default set (default 6)")
     p.add_argument("--seeds", type=int, default=4, help="K sampling seeds per method for best-of-K (default 4)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
@@ -283,7 +284,7 @@ def main(argv=None) -> None:
                        help=f"(default {f.default})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cases = W.load_cases(args.cases) if args.cases else W.default_cases(seed=args.case_seed)
+    cases = W.load_cases(args.cases) if args.cases else W.default_cases(args.per_type, seed=args.case_seed)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

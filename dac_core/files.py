@@ -10,7 +10,8 @@ import tempfile
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any
-    error it is removed and `path` keeps its old content."""
+    error it is removed and `path` keeps its old content. The file gets the permissions a
+    plain `open(path, "w")` would give it (mkstemp's are owner-only)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -19,7 +20,14 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -44,6 +44,13 @@ def test_end_to_end_then_new_target_reuses_the_unet_lora(tmp_path, photo, tiny_m
     assert meta["params"]["source"] == "a red disc" and meta["seed"] == 29
     assert "Steps: 3, CFG scale: 4.0, Seed: 29" in out.text["parameters"]
     assert Image.open(work / "edit.png").size == (80, 48)
+    before_after = Image.open(work / "before_after.png")  # photo and edit side by side, 2x or more
+    assert before_after.width >= 2 * 2 * 80 and before_after.height >= 2 * 48
+    assert str(work / "before_after.png") in first.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (work / "edit.png", tmp_path / "out.png", work / "dac_edit.json"):  # like open(path, "w")
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
     unet_file, text_file = record["unet_lora"], record["text_lora"]
     assert L.load_lora(unet_file).metadata["dac.stage"] == "unet"
     assert L.load_lora(text_file).metadata["dac.stage"] == "text"

@@ -19,7 +19,7 @@ def test_every_world_word_is_one_token_and_captions_fit():
 
 def test_pipeline_shapes():
     pipe = M.build_pipeline(0)
-    assert pipe.vae_scale_factor == 4  # 64x64 pixels <-> 16x16 latents
+    assert pipe.vae_scale_factor == 2  # 64x64 pixels <-> 32x32 latents
     image = pipe("a small red circle on the left on a white background", num_inference_steps=1, height=W.SIZE,
                  width=W.SIZE, output_type="np").images
     assert image.shape == (1, W.SIZE, W.SIZE, 3)
