@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import world as W
+from .errors import DACError
 from .files import atomic_path
 from .image import image_to_tensor, tensor_to_images
 from .stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
@@ -142,6 +143,7 @@ def img2img(backend, case: W.Case, pixels, strength: float, seed: int, s: Settin
     for name in ("unet", "delta", "extra"):
         backend.detach_lora(name)
     pipe = StableDiffusionImg2ImgPipeline(**backend.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
     image = tensor_to_images(pixels)[0]
     return pipe(case.target_prompt, image=image, strength=strength, num_inference_steps=s.sample_steps,
                 guidance_scale=s.cfg, generator=torch.Generator().manual_seed(seed)).images[0]
@@ -269,7 +271,8 @@ def grid(results: dict, cases: list[W.Case], per_type: int = 1, scale: int = 2):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="DAC edit-quality benchmark on the synthetic world")
-    p.add_argument("--model", default=None, help="diffusers folder of a world model (default: the shipped one)")
+    p.add_argument("--model", default=None,
+                   help="diffusers folder of a world model (default: the one shipped in dac_core/assets/world_model)")
     p.add_argument("--cases", help="case file (JSON list; see dac_core.world.Case); default: 6 per edit type")
     p.add_argument("--case-seed", type=int, default=0, help="seed of the default case set (default 0)")
     p.add_argument("--per-type", type=int, default=6, help="cases per edit type of the default set (default 6)")
@@ -290,7 +293,11 @@ def main(argv=None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}")
-    results = run(args.model or shipped_model_path(), cases, settings, args.seeds, methods=methods)
+    try:
+        model = args.model or shipped_model_path()
+    except DACError as e:
+        p.error(str(e))
+    results = run(model, cases, settings, args.seeds, methods=methods)
     print(table(results))
     print(f"{len(cases)} cases, {args.seeds} seeds, {results['seconds'] / 60:.1f} min; {results['environment']}")
     if args.grid:

@@ -355,9 +355,11 @@ def _slot(position: str) -> np.ndarray:
     return window
 
 
-def _check_background(arr: np.ndarray, keep_out: np.ndarray) -> tuple[str, str]:
+def _check_background(arr: np.ndarray, keep_out: np.ndarray) -> tuple[str | None, str | None]:
     """(colour, texture) read off the pixels outside every object (and a margin around them)."""
     free = ~keep_out
+    if free.sum() < 2 * STRIPE * STRIPE:  # object colours nearly everywhere: no background to read
+        return None, None
     lum = arr.mean(-1)
     if lum[free].std() < 12:  # one tone
         return _nearest(np.median(arr[free], axis=0), BACKGROUND_COLOURS), "plain"

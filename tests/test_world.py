@@ -129,3 +129,10 @@ def test_default_cases_and_case_files(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"cases.json: case 3: background 'pink'"):
         W.load_cases(str(path))
+
+
+def test_checker_survives_an_image_without_background():
+    """A generated image can be all object colours: no background to read, not a crash."""
+    scene = W.Scene("white", "striped", (W.Obj("circle", "red", "large", "center"),))
+    report = W.check(scene, np.full((W.SIZE, W.SIZE, 3), W.COLOURS["red"], np.uint8))
+    assert not report.background_ok and not report.texture_ok and not report.all_ok

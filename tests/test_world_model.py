@@ -1,6 +1,8 @@
-"""The world model's pieces that do not need a trained model (issue 4 in progress)."""
+"""The world model's pieces that do not need a trained model."""
 
 import random
+
+import numpy as np
 
 from dac_core import world as W
 from dac_core import world_model as M
@@ -23,3 +25,42 @@ def test_pipeline_shapes():
     image = pipe("a small red circle on the left on a white background", num_inference_steps=1, height=W.SIZE,
                  width=W.SIZE, output_type="np").images
     assert image.shape == (1, W.SIZE, W.SIZE, 3)
+
+
+def test_bundled_demo_source_is_the_rendered_demo_scene():
+    from PIL import Image
+
+    bundled = np.asarray(Image.open(M.DEMO_SOURCE).convert("RGB"))
+    assert np.array_equal(bundled, np.asarray(W.render(M.DEMO_CASE.source)))
+    assert W.check(M.DEMO_CASE.source, Image.open(M.DEMO_SOURCE)).all_ok
+
+
+def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
+    import torch
+
+    from dac_core.diffusers_backend import load_pipeline
+
+    pipe = M.build_pipeline(0)
+    vae_before = pipe.vae.decoder.conv_out.weight.clone()
+    unet_before = pipe.unet.conv_out.weight.clone()
+    assert all(torch.isfinite(torch.tensor(M.train_vae(pipe, 3))))
+    assert all(torch.isfinite(torch.tensor(M.train_unet(pipe, 3, batch_size=4, dataset_size=16))))
+    assert not torch.equal(vae_before, pipe.vae.decoder.conv_out.weight)
+    assert not torch.equal(unet_before, pipe.unet.conv_out.weight)
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the world's latents
+    M.save_model(pipe, str(tmp_path / "m"))
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("conv_out.weight").dtype == torch.float16
+    loaded = load_pipeline(str(tmp_path / "m"))
+    assert loaded.unet.conv_out.weight.dtype == torch.float32
+    assert torch.equal(loaded.unet.conv_out.weight, pipe.unet.conv_out.weight.half().float())
+
+
+def test_training_captions_are_excluded_from_the_evaluation():
+    seen = M.training_captions(n=200, seed=1)
+    assert len(seen) > 150
+    rng = random.Random(1)
+    assert W.caption(W.random_scene(rng)) in seen  # the same stream as the encoded training set
