@@ -94,8 +94,8 @@ def shipped_model_path() -> str:
     if not os.path.isfile(os.path.join(SHIPPED, "model_index.json")):
         from .errors import DACError
 
-        raise DACError(f"the shipped world model is missing from {SHIPPED}: reinstall the package, or retrain it "
-                       "with `python -m dac_core.world_model --out DIR` and pass --model DIR")
+        raise DACError(f"no world model in {SHIPPED} (none ships yet): train one with "
+                       "`python -m dac_core.world_model --out DIR` and pass --model DIR")
     return SHIPPED
 
 
