@@ -340,12 +340,19 @@ def main(argv=None) -> None:
     record = {"seed": args.seed, "vae": vae_record, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
               "unet_minutes": (time.time() - start) / 60, "unet_final_loss": float(np.mean(unet_losses[-100:])),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    _write_record(args.out, record)  # before the evaluation: a failing evaluation loses nothing
     if args.eval:
         record["match_rate"] = evaluate(pipe, args.eval, exclude=training_captions(seed=args.seed + 1))
         record["eval_images"] = args.eval
-    with open(os.path.join(args.out, "training.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+        _write_record(args.out, record)
     log.info("done: %s", record)
+
+
+def _write_record(out: str, record: dict) -> None:
+    from .files import atomic_path
+
+    with atomic_path(os.path.join(out, "training.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
