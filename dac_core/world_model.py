@@ -307,6 +307,7 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=800, help="VAE steps (batch 16)")
     p.add_argument("--unet-steps", type=int, default=1600, help="UNet + text-encoder steps")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
+    p.add_argument("--dataset-size", type=int, default=32768, help="encoded scenes the UNet stage trains on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", type=int, default=50, help="generated images to check at the end (0: none)")
     args = p.parse_args(argv)
@@ -335,14 +336,16 @@ def main(argv=None) -> None:
     if not args.unet_steps:
         return
     start = time.time()
-    unet_losses = train_unet(pipe, args.unet_steps, batch_size=args.batch_size, seed=args.seed)
+    unet_losses = train_unet(pipe, args.unet_steps, batch_size=args.batch_size, dataset_size=args.dataset_size,
+                             seed=args.seed)
     save_model(pipe, args.out)
     record = {"seed": args.seed, "vae": vae_record, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+              "dataset_size": args.dataset_size,
               "unet_minutes": (time.time() - start) / 60, "unet_final_loss": float(np.mean(unet_losses[-100:])),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     _write_record(args.out, record)  # before the evaluation: a failing evaluation loses nothing
     if args.eval:
-        record["match_rate"] = evaluate(pipe, args.eval, exclude=training_captions(seed=args.seed + 1))
+        record["match_rate"] = evaluate(pipe, args.eval, exclude=training_captions(args.dataset_size, args.seed + 1))
         record["eval_images"] = args.eval
         _write_record(args.out, record)
     log.info("done: %s", record)

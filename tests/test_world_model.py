@@ -64,3 +64,21 @@ def test_training_captions_are_excluded_from_the_evaluation():
     assert len(seen) > 150
     rng = random.Random(1)
     assert W.caption(W.random_scene(rng)) in seen  # the same stream as the encoded training set
+
+
+def test_training_command_writes_records_and_reuses_its_vae(tmp_path, caplog):
+    import json
+    import logging
+
+    out = tmp_path / "wm"
+    small = ["--out", str(out), "--vae-steps", "2", "--dataset-size", "8", "--batch-size", "2", "--eval", "1"]
+    M.main([*small, "--unet-steps", "0"])  # the VAE stage alone
+    vae_record = json.loads((out / "training_vae.json").read_text())
+    assert vae_record["settings"] == {"seed": 0, "vae_steps": 2} and 0 <= vae_record["match_rate"] <= 1
+    with caplog.at_level(logging.INFO, logger="dac_core"):
+        M.main([*small, "--unet-steps", "2"])
+    assert "reusing the VAE" in caplog.text
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_steps"] == 2 and record["eval_images"] == 1 and record["match_rate"] in (0.0, 1.0)
+    assert record["vae"] == vae_record
+    assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
