@@ -319,10 +319,12 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     vae_record_path = os.path.join(args.out, "training_vae.json")
     vae_record = {"seed": args.seed, "vae_steps": args.vae_steps}
-    if os.path.exists(vae_record_path) and json.load(open(vae_record_path))["settings"] == vae_record:
+    saved = _read_record(vae_record_path)
+    if saved.get("settings") == vae_record:
         from diffusers import AutoencoderKL
+
         pipe.vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae")).requires_grad_(False)
-        vae_record = json.load(open(vae_record_path))
+        vae_record = saved
         log.info("reusing the VAE in %s", args.out)
     else:
         start = time.time()
@@ -330,8 +332,7 @@ def main(argv=None) -> None:
         pipe.vae.save_pretrained(os.path.join(args.out, "vae"))
         vae_record = {"settings": vae_record, "minutes": (time.time() - start) / 60,
                       "final_loss": float(np.mean(vae_losses[-50:])), "match_rate": vae_match_rate(pipe.vae)}
-        with open(vae_record_path, "w", encoding="utf-8") as f:
-            json.dump(vae_record, f, indent=1)
+        _write_record(args.out, vae_record, "training_vae.json")
     log.info("VAE: %s", vae_record)
     if not args.unet_steps:
         return
@@ -351,10 +352,20 @@ def main(argv=None) -> None:
     log.info("done: %s", record)
 
 
-def _write_record(out: str, record: dict) -> None:
+def _read_record(path: str) -> dict:
+    """A saved record, or {} if there is none or it cannot be read (then that stage reruns)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(out: str, record: dict, name: str = "training.json") -> None:
     from .files import atomic_path
 
-    with atomic_path(os.path.join(out, "training.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(os.path.join(out, name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
 
 
