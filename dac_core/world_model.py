@@ -17,9 +17,10 @@ seed and VAE steps. Design notes: the VAE is the bottleneck. Share of reconstruc
     2x VAE (32x32x4, 0.21 M), 1200 steps, 15 min, posterior std left at ~0.5 ....... 56%
     2x VAE, 1000 steps, 13 min, std bias initialised low (std rose back to 0.47) .. 66%
     2x VAE, 800 steps, 9.5 min, posterior std initialised low (weights and bias) .. 58%
+    the same with 8 latent channels, 1500 steps, 21 min ........................ 60%
 
 Failures are shapes (stars read as triangles or squares) and sizes: the decoder still
-blurs small corners. The 4x VAE lost the shapes entirely; in every run the loss was still
+blurs small corners; more latent channels did not help, so the decoder is the limit. The 4x VAE lost the shapes entirely; in every run the loss was still
 falling when it stopped.
 """
 
