@@ -29,7 +29,7 @@ import torch
 from . import world as W
 from .errors import DACError
 from .files import atomic_path
-from .image import image_to_tensor, tensor_to_images
+from .image import image_to_tensor, tensor_to_images, wrap
 from .stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 from .world_model import DAC_SETTINGS, shipped_model_path
 
@@ -247,13 +247,7 @@ def grid(results: dict, cases: list[W.Case], per_type: int = 1, scale: int = 2):
     draw = ImageDraw.Draw(out)
     for j, name in enumerate(["source", *methods]):
         x = pad + j * (cell + pad)
-        words, lines = name.split(), [""]
-        for w in words:  # wrap headers to the cell width
-            if draw.textlength((lines[-1] + " " + w).strip()) > cell and lines[-1]:
-                lines.append(w)
-            else:
-                lines[-1] = (lines[-1] + " " + w).strip()
-        draw.multiline_text((x, 0), "\n".join(lines[:2]), fill="black", spacing=0)
+        draw.multiline_text((x, 0), "\n".join(wrap(draw, name, cell)[:2]), fill="black", spacing=0)
     for i, k in enumerate(picked):
         y = label_h + i * (text_h + cell + pad)
         case, row = cases[k], results["cases"][k]

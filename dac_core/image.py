@@ -89,14 +89,20 @@ def before_after(source, edited: list, source_caption: str, target_caption: str,
     for i, tile in enumerate(tiles):
         x = pad + i * (w * scale + pad)
         label = f"before: {source_caption}" if i == 0 else f"after: {target_caption}"
-        words, lines = label.split(), [""]
-        for word in words:  # wrap to the tile's width, two lines at most
-            if lines[-1] and draw.textlength(f"{lines[-1]} {word}") > w * scale:
-                lines.append(word)
-            else:
-                lines[-1] = f"{lines[-1]} {word}".strip()
+        lines = wrap(draw, label, w * scale)
         if len(lines) > 2:
             lines = [lines[0], lines[1][: max(1, len(lines[1]) - 3)] + "..."]
         draw.multiline_text((x, 2), "\n".join(lines), fill="black", spacing=2)
         out.paste(tile, (x, text_h))
     return out
+
+
+def wrap(draw, text: str, width: int) -> list[str]:
+    """`text` broken into lines no wider than `width` pixels (a longer word keeps its own line)."""
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and draw.textlength(f"{lines[-1]} {word}") > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
