@@ -32,7 +32,14 @@ The UNet stage is the bottleneck now. With that VAE, 2200 steps at batch 16 (58 
 final loss 0.012, min-SNR-5 weights, lr 1e-3): 0 of 50 generated images match every
 attribute. They show the world's shapes, textures and colours, but objects stand at the
 wrong places and the background's colour mixes with the objects': the caption is not yet
-followed. (A first try at batch 32 ran at 2.4 s a step, too slow for the 2-hour budget.)
+followed. At guidance 7.5 (20 images): 7 of 38 objects the right shape, 7 the right
+colour, 5 of 20 backgrounds the right colour and 2 of 20 the right texture, about chance.
+The UNet barely uses the text: at t = 900 its noise prediction for two different
+captions differs by 0.009 (mean absolute), against a prediction size of 0.79 (t = 100:
+0.059 against 1.27), while the text encoder's outputs for them differ by 0.30 against
+0.64. Next to try: global text conditioning (the pooled caption added to the time
+embedding), text attention at 32x32 too, more steps. (A first try at batch 32 ran at
+2.4 s a step, too slow for the 2-hour budget.)
 """
 
 from __future__ import annotations
