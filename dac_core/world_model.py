@@ -37,8 +37,12 @@ colour, 5 of 20 backgrounds the right colour and 2 of 20 the right texture, abou
 The UNet barely uses the text: at t = 900 its noise prediction for two different
 captions differs by 0.009 (mean absolute), against a prediction size of 0.79 (t = 100:
 0.059 against 1.27), while the text encoder's outputs for them differ by 0.30 against
-0.64. Next to try: global text conditioning (the pooled caption added to the time
-embedding), text attention at 32x32 too, more steps. (A first try at batch 32 ran at
+0.64 (in epsilon terms; at t = 900 a change of x0 moves epsilon by only about a tenth of
+it, so in x0 terms the difference is about 0.09, still small for latents of unit
+variance). Global text conditioning (`addition_embed_type="text"`, the pooled caption
+added to the time embedding) did not change this early: after 300 steps on 2048 scenes
+the t = 900 difference was 0.0019 with it and 0.0017 without. Next to try: measure the
+probe in x0 terms during a run, v-prediction, text attention at 32x32, more steps. (A first try at batch 32 ran at
 2.4 s a step, too slow for the 2-hour budget.)
 """
 
