@@ -42,8 +42,8 @@ it, so in x0 terms the difference is about 0.09, still small for latents of unit
 variance). Global text conditioning (`addition_embed_type="text"`, the pooled caption
 added to the time embedding) did not change this early: after 300 steps on 2048 scenes
 the t = 900 difference was 0.0019 with it and 0.0017 without. Next to try: measure the
-probe in x0 terms during a run, v-prediction, text attention at 32x32, more steps. (A first try at batch 32 ran at
-2.4 s a step, too slow for the 2-hour budget.)
+probe in x0 terms during a run, v-prediction, text attention at 32x32, more steps. (A
+first try at batch 32 ran at 2.4 s a step, too slow for the 2-hour budget.)
 """
 
 from __future__ import annotations
@@ -72,9 +72,7 @@ VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=1,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     block_out_channels=(32, 32), sample_size=W.SIZE, mid_block_add_attention=False,
-)  # 64x64 pixels <-> 32x32x4 latents: a 4x VAE of this size blurred stars and triangles into discs.
-# One normalisation group: with one group per channel (32 of 32) every layer removed each
-# channel's mean, the background colour, and the VAE learned several times slower.
+)  # 64x64 pixels <-> 32x32x4 latents; one normalisation group keeps the background colour (see above)
 UNET_CONFIG = dict(
     sample_size=W.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(32, 64, 96, 128),
@@ -195,9 +193,8 @@ def _schedule(opt, steps: int, warmup: int = 100):
 def train_vae(pipe, steps: int, batch_size: int = 16, lr: float = 2e-3, latent_weight: float = 1e-4,
               seed: int = 0) -> list[float]:
     """Train the VAE as a plain autoencoder on the posterior mean (reconstruction MSE plus a
-    small penalty on the latents' size). The posterior's log-variance is left at its initial
-    -10 (std 0.007): sampled latents of std ~0.5, which even a KL weight of 1e-6 produced,
-    only taught the decoder to blur (see the module docstring)."""
+    small penalty on the latents' size); the log-variance keeps its initial -10 (why: the
+    module docstring)."""
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps)
