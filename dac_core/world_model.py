@@ -5,8 +5,9 @@ in diffusers format, trained from scratch on `dac_core.world` scenes: first the 
 scenes rendered on the fly (an autoencoder on the posterior mean: reconstruction MSE and a
 small penalty on the latents' size), then the UNet together with the text encoder on a
 fixed set of encoded scenes (v-prediction on a zero-terminal-SNR schedule, min-SNR-5
-weights, 10% empty captions for classifier-free guidance, EMA weights). Step counts, not time limits, so the
-same seed gives the same model on the same torch build; sized for 2 CPU cores.
+weights, 10% empty captions for classifier-free guidance, EMA weights). Step counts, not
+time limits, so the same seed gives the same model on the same torch build; sized for 2
+CPU cores.
 
     python -m dac_core.world_model --out world_model   # --vae-steps 1500 --unet-steps 4000
 
@@ -263,12 +264,12 @@ def train_unet(pipe, steps: int, batch_size: int = 16, lr: float = 1e-3, drop_ca
     # latent scale: unit variance of the VAE's latents on the world
     vae.register_to_config(scaling_factor=1.0 / float(latents_all[:1024].std()))
     latents_all = latents_all * vae.config.scaling_factor
-    # min-SNR-5 loss weights (Hang et al. 2023): the noisy steps, where shapes and colours
-    # are decided, are not drowned out by the nearly clean ones
+    # min-SNR-5 loss weights (Hang et al. 2023), so the noisy steps, where shapes and colours
+    # are decided, are not drowned out by the nearly clean ones. In x0 terms: min(SNR + 1, 5)
+    # for v (the pure-noise step, where only the caption tells what to draw, keeps weight 1),
+    # min(SNR, 5) for epsilon
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    # in x0 terms: weight min(SNR + 1, 5) for v (so the pure-noise step, where only the
-    # caption tells what to draw, keeps weight 1), min(SNR, 5) for epsilon
     weights = (snr + 1).clamp(max=min_snr) / (snr + 1) if v_prediction else snr.clamp(max=min_snr) / snr
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
@@ -349,7 +350,8 @@ def evaluate(pipe, n: int = 50, seed: int = 999, steps: int = 30, cfg: float = 4
         scene = W.random_scene(rng)
         if W.caption(scene) not in exclude:
             scenes.append(scene)
-    counts = dict.fromkeys(("all", "shape", "colour", "size", "position", "background", "texture", "no_extra"), 0)
+    per_object = ("shape", "colour", "size", "position")
+    counts = dict.fromkeys(("all", *per_object, "background", "texture", "no_extra"), 0)
     objects = 0
     for start in range(0, n, chunk):
         part = scenes[start:start + chunk]
@@ -364,9 +366,9 @@ def evaluate(pipe, n: int = 50, seed: int = 999, steps: int = 30, cfg: float = 4
             counts["no_extra"] += not report.extra_objects
             for o in report.objects:
                 objects += 1
-                for key in ("shape", "colour", "size", "position"):
+                for key in per_object:
                     counts[key] += getattr(o, f"{key}_ok")
-    return {k: v / (objects if k in ("shape", "colour", "size", "position") else n) for k, v in counts.items()}
+    return {k: v / (objects if k in per_object else n) for k, v in counts.items()}
 
 
 def main(argv=None) -> None:
