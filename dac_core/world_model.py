@@ -1,15 +1,16 @@
 """A small Stable-Diffusion-architecture text-to-image model of the synthetic world.
 
 AutoencoderKL + UNet2DConditionModel + CLIPTextModel + CLIPTokenizer + a DDIM scheduler,
-in diffusers format, trained from scratch on `dac_core.world` scenes: first the VAE on
-scenes rendered on the fly (an autoencoder on the posterior mean: reconstruction MSE and a
-small penalty on the latents' size), then the UNet together with the text encoder on a
-fixed set of encoded scenes (v-prediction on a zero-terminal-SNR schedule, min-SNR-5
-weights, 10% empty captions for classifier-free guidance, EMA weights). Step counts, not
-time limits, so the same seed gives the same model on the same torch build; sized for 2
-CPU cores.
+in diffusers format, trained from scratch on `dac_core.world` scenes in three stages:
+the VAE on scenes rendered on the fly (an autoencoder on the posterior mean: reconstruction
+MSE and a small penalty on the latents' size); the text encoder on captions alone (a
+linear read-out of its states must give back every attribute of the scene, as SD's text
+encoder comes pre-trained); then the UNet, text encoder frozen, on a fixed set of encoded
+scenes (v-prediction on a zero-terminal-SNR schedule, min-SNR-5 weights, 10% empty
+captions for classifier-free guidance, EMA weights). Step counts, not time limits, so the
+same seed gives the same model on the same torch build; sized for 2 CPU cores.
 
-    python -m dac_core.world_model --out world_model   # --vae-steps 1500 --unet-steps 4000
+    python -m dac_core.world_model --out world_model   # --vae-steps 1500 --text-steps 300 --unet-steps 4000
 
 The VAE stage is saved in OUT/vae and reused when the command runs again with the same
 seed and VAE steps. Design notes, measured by the share of reconstructions of 50 unseen
@@ -250,15 +251,75 @@ def encode_dataset(vae, tokenizer, n: int, seed: int, chunk: int = 64):
     return torch.cat(latents), torch.cat(ids)
 
 
+def scene_labels(scene) -> list[int]:
+    """The class indices `train_text_encoder` predicts from a caption: background colour,
+    texture, then per position (left, middle, right) the object's shape, colour and size, 0
+    where there is none."""
+    slots = {o.position: o for o in scene.objects}
+    labels = [BACKGROUND_INDEX[scene.background], W.TEXTURES.index(scene.texture)]
+    for position in W.POSITIONS:
+        o = slots.get(position)
+        labels += [0, 0, 0] if o is None else [1 + W.SHAPES.index(o.shape), 1 + W.OBJECT_COLOURS.index(o.colour),
+                                               1 + list(W.SIZES).index(o.size)]
+    return labels
+
+
+BACKGROUND_INDEX = {c: i for i, c in enumerate(W.BACKGROUND_COLOURS)}
+LABEL_CLASSES = [len(W.BACKGROUND_COLOURS), len(W.TEXTURES)] + [1 + len(W.SHAPES), 1 + len(W.OBJECT_COLOURS),
+                                                                  1 + len(W.SIZES)] * len(W.POSITIONS)
+
+
+def train_text_encoder(pipe, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> list[float]:
+    """Pre-train the text encoder on captions alone, the way SD's text encoder comes
+    pre-trained: a linear read-out of its last hidden states, from the end-of-text token on
+    (the states the UNet attends to that have seen the whole caption), must give back every
+    attribute of the scene. A text encoder trained only through the UNet's loss learnt to
+    tell "white" and "gray" apart but not the object colours (see the module docstring).
+    Returns the losses; the text encoder is frozen afterwards."""
+    text_encoder, tokenizer = pipe.text_encoder.train(), pipe.tokenizer
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(text_encoder.config.hidden_size, sum(LABEL_CLASSES))
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02, generator=gen)
+        head.bias.zero_()
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    rng, losses = random.Random(seed), []
+    for step in range(steps):
+        scenes = [W.random_scene(rng) for _ in range(batch_size)]
+        ids = tokenizer([W.caption(s) for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        labels = torch.tensor([scene_labels(s) for s in scenes])
+        hidden = text_encoder(ids)[0]
+        after_end = (ids == tokenizer.eos_token_id).cumsum(1) > 0  # the end token and the padding after it
+        logits = head(hidden[after_end]).split(LABEL_CLASSES, dim=-1)
+        target = labels[:, None].expand(-1, ids.shape[1], -1)[after_end]
+        loss = sum(F.cross_entropy(part, target[:, i]) for i, part in enumerate(logits)) / len(LABEL_CLASSES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            accuracy = torch.stack([part.argmax(-1) == target[:, i] for i, part in enumerate(logits)], 1).all(1)
+            log.info("text step %d loss %.5f, captions read back whole: %.3f", step, loss.item(),
+                     accuracy.float().mean().item())
+    text_encoder.eval().requires_grad_(False)
+    return losses
+
+
 def train_unet(pipe, steps: int, batch_size: int = 16, lr: float = 1e-3, drop_caption: float = 0.1,
                dataset_size: int = DATASET_SIZE, ema_decay: float = 0.995, min_snr: float = 5.0,
-               seed: int = 0, data=None) -> list[float]:
-    """Train the UNet and the text encoder together on a fixed set of encoded scenes; the
-    saved weights are an exponential moving average of the trained ones."""
+               seed: int = 0, data=None, train_text: bool = False) -> list[float]:
+    """Train the UNet (and the text encoder too if `train_text`; by default it stays as
+    `train_text_encoder` left it) on a fixed set of encoded scenes; the saved weights are an
+    exponential moving average of the trained ones."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, text_encoder, vae, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.vae, pipe.tokenizer
+    unet, text_encoder, vae, tokenizer = pipe.unet.train(), pipe.text_encoder, pipe.vae, pipe.tokenizer
+    text_encoder.train(train_text).requires_grad_(train_text)
     latents_all, ids = data if data is not None else encode_dataset(vae, tokenizer, dataset_size, seed + 1)
     dataset_size = len(latents_all)
     # latent scale: unit variance of the VAE's latents on the world
@@ -273,7 +334,7 @@ def train_unet(pipe, steps: int, batch_size: int = 16, lr: float = 1e-3, drop_ca
     weights = (snr + 1).clamp(max=min_snr) / (snr + 1) if v_prediction else snr.clamp(max=min_snr) / snr
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     ema = [q.detach().clone() for q in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = _schedule(opt, steps)
@@ -286,7 +347,9 @@ def train_unet(pipe, steps: int, batch_size: int = 16, lr: float = 1e-3, drop_ca
         tokens = torch.where(drop[:, None], empty, ids[pick])
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(tokens)[0]).sample
+        with torch.set_grad_enabled(train_text):
+            text = text_encoder(tokens)[0]
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text).sample
         target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
         loss = (weights[t] * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -375,7 +438,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the world model (see module docstring).")
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline")
     p.add_argument("--vae-steps", type=int, default=1500, help="VAE steps (batch 16)")
-    p.add_argument("--unet-steps", type=int, default=4000, help="UNet + text-encoder steps")
+    p.add_argument("--text-steps", type=int, default=300, help="text-encoder pre-training steps (batch 64)")
+    p.add_argument("--unet-steps", type=int, default=4000, help="UNet steps")
     p.add_argument("--batch-size", type=int, default=16, help="UNet batch size")
     p.add_argument("--dataset-size", type=int, default=DATASET_SIZE, help="encoded scenes the UNet stage trains on")
     p.add_argument("--seed", type=int, default=0)
@@ -407,10 +471,15 @@ def main(argv=None) -> None:
     if not args.unet_steps:
         return
     start = time.time()
+    text_losses = train_text_encoder(pipe, args.text_steps, seed=args.seed)
+    text_minutes = (time.time() - start) / 60
+    start = time.time()
     unet_losses = train_unet(pipe, args.unet_steps, batch_size=args.batch_size, dataset_size=args.dataset_size,
                              seed=args.seed)
     save_model(pipe, args.out)
-    record = {"seed": args.seed, "vae": vae_record, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+    record = {"seed": args.seed, "vae": vae_record, "text_steps": args.text_steps, "text_minutes": text_minutes,
+              "text_final_loss": float(np.mean(text_losses[-20:])) if text_losses else None,
+              "unet_steps": args.unet_steps, "batch_size": args.batch_size,
               "dataset_size": args.dataset_size,
               "unet_minutes": (time.time() - start) / 60, "unet_final_loss": float(np.mean(unet_losses[-100:])),
               "threads": torch.get_num_threads(), "torch": torch.__version__}

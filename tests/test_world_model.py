@@ -59,6 +59,37 @@ def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
     assert torch.equal(loaded.unet.conv_out.weight, pipe.unet.conv_out.weight.half().float())
 
 
+def test_scene_labels_are_what_the_caption_says():
+    rng = random.Random(3)
+    for _ in range(50):
+        scene = W.random_scene(rng)
+        labels = M.scene_labels(scene)
+        assert len(labels) == len(M.LABEL_CLASSES)
+        assert all(0 <= label < n for label, n in zip(labels, M.LABEL_CLASSES))
+        assert sum(label > 0 for label in labels[2::3]) == len(scene.objects)  # one shape per object
+        # details no caption names do not change them
+        moved = W.Scene(scene.background, scene.texture, tuple(W.Obj(o.shape, o.colour, o.size, o.position, -o.dy)
+                                                                for o in scene.objects), (scene.phase + 3) % W.STRIPE)
+        assert M.scene_labels(moved) == labels
+    a = W.Scene("red", "plain", (W.Obj("circle", "blue", "small", "left"),))
+    b = W.Scene("red", "plain", (W.Obj("circle", "blue", "small", "right"),))
+    assert M.scene_labels(a) != M.scene_labels(b)
+
+
+def test_text_pre_training_learns_and_the_unet_stage_leaves_the_text_encoder_alone():
+    import torch
+
+    pipe = M.build_pipeline(0)
+    losses = M.train_text_encoder(pipe, 40, batch_size=16)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # (still warming up)
+    assert not pipe.text_encoder.training and not any(q.requires_grad for q in pipe.text_encoder.parameters())
+    before = [q.clone() for q in pipe.text_encoder.parameters()]
+    M.train_unet(pipe, 2, batch_size=2, dataset_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters()))
+    M.train_unet(pipe, 2, batch_size=2, dataset_size=4, train_text=True)  # the old joint training
+    assert not all(torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters()))
+
+
 def test_training_captions_are_excluded_from_the_evaluation():
     seen = M.training_captions(n=200, seed=1)
     assert len(seen) > 150
@@ -71,7 +102,8 @@ def test_training_command_writes_records_and_reuses_its_vae(tmp_path, caplog):
     import logging
 
     out = tmp_path / "wm"
-    small = ["--out", str(out), "--vae-steps", "2", "--dataset-size", "8", "--batch-size", "2", "--eval", "1"]
+    small = ["--out", str(out), "--vae-steps", "2", "--text-steps", "2", "--dataset-size", "8", "--batch-size", "2",
+             "--eval", "1"]
     M.main([*small, "--unet-steps", "0"])  # the VAE stage alone
     vae_record = json.loads((out / "training_vae.json").read_text())
     assert vae_record["settings"] == {"seed": 0, "vae_steps": 2} and 0 <= vae_record["match_rate"] <= 1
@@ -79,6 +111,7 @@ def test_training_command_writes_records_and_reuses_its_vae(tmp_path, caplog):
         M.main([*small, "--unet-steps", "2"])
     assert "reusing the VAE" in caplog.text
     record = json.loads((out / "training.json").read_text())
+    assert record["text_steps"] == 2 and record["text_final_loss"] > 0
     assert record["unet_steps"] == 2 and record["eval_images"] == 1 and record["match_rate"] in (0.0, 1.0)
     assert record["vae"] == vae_record
     assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
