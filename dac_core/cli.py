@@ -6,17 +6,12 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 
 from . import __version__
 from .edit import EditParams
 
-DEMO = dict(source="a red disc on blue sky over green grass", target="a red disc with a yellow hat on blue sky over green grass")
-# The demo's tiny model has 32-64 channel layers: these settings are its scaled-down defaults.
-DEMO_SETTINGS = dict(unet_steps=300, te_steps=300, unet_rank=32)
 DEFAULTS = dict(unet_steps=1000, te_steps=1000, unet_rank=512)
 
 
@@ -79,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", nargs="?", help="the photo to edit (PNG, JPEG, WebP, ...)")
     p.add_argument("--demo", action="store_true",
-                   help="run offline on the embedded demo: a built-in picture and a tiny random-weight model "
-                        "(checks the install end to end; the output is noise)")
+                   help="run offline on the embedded demo: a bundled picture of the synthetic world and the "
+                        "world model that ships with the package (turns the red circle green; settings scaled to "
+                        "that model unless given)")
     p.add_argument("--source", type=_prompt, help="caption of the photo as it is, e.g. 'A cat.'")
     p.add_argument("--target", type=_prompt, help="caption of the wanted result, e.g. 'A cat wearing a wool cap.'")
     p.add_argument("--model", default=None,
@@ -154,17 +150,19 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:  # the demo's case, and the settings scaled to the world model, unless given
+        from .world_model import DAC_SETTINGS, DEMO_CASE
+
+        parser.set_defaults(**DAC_SETTINGS, source=DEMO_CASE.source_prompt, target=DEMO_CASE.target_prompt)
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dac-edit: %(message)s", stream=sys.stderr)
     _quiet_libraries()
-    for name, value in {**DEFAULTS, **(DEMO_SETTINGS if args.demo else {})}.items():
+    for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.demo:
-        for name, value in DEMO.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    elif args.image is None:
+    if not args.demo and args.image is None:
         print("dac-edit: error: give an IMAGE to edit (or --demo)", file=sys.stderr)
         return 2
     for name in ("source", "target"):
@@ -197,20 +195,10 @@ def _run(args) -> int:
     image = args.image
     model = args.model
     if args.demo:
-        from .tiny import config_hash, demo_image, save_tiny_model
+        from .world_model import DEMO_SOURCE, shipped_model_path
 
-        tiny = os.path.join(tempfile.gettempdir(), f"dac-demo-model-{config_hash()}")
-        if model is None:
-            if not os.path.isfile(os.path.join(tiny, "model_index.json")):
-                staging = tempfile.mkdtemp(prefix=".dac-demo-", dir=tempfile.gettempdir())
-                save_tiny_model(staging)
-                try:
-                    os.replace(staging, tiny)  # whole or not at all
-                except OSError:  # another run got there first
-                    shutil.rmtree(staging, ignore_errors=True)
-            model = tiny
-        if image is None:
-            image = demo_image()
+        model = model or shipped_model_path()
+        image = image or DEMO_SOURCE
     params = EditParams(
         source=args.source, target=args.target, model=model or EditParams.model,
         unet_steps=args.unet_steps, te_steps=args.te_steps, unet_rank=args.unet_rank, te_rank=args.te_rank,

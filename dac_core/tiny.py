@@ -1,8 +1,8 @@
 """Tiny Stable-Diffusion-shaped models, built from configs with seeded random weights.
 
-The one place that builds small models: the test suite uses them, and so does
-`dac-edit --demo`, which needs a model that exists offline. Their output is noise: the
-weights are random. They exercise every code path of the real SD 1.x / 2.x pipeline
+The one place that builds small random models: the test suite uses them. Their output is
+noise: the weights are random (the trained model of the synthetic world, which
+`dac-edit --demo` uses, is `dac_core.world_model`). They exercise every code path of the real SD 1.x / 2.x pipeline
 (same classes, same LoRA target layers) at a size that trains at ~50 steps/s on a CPU.
 """
 
@@ -137,14 +137,6 @@ def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
     )
 
 
-def config_hash(flavour: str = "sd1", seed: int = 0) -> str:
-    """Identifies a tiny model's configs and seed: a saved copy is reused only if it matches."""
-    import hashlib
-
-    parts = [UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG, flavour, seed]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def save_tiny_model(path: str, flavour: str = "sd1", seed: int = 0) -> str:
     """Write a tiny pipeline as a diffusers folder at `path` (what `--model` accepts)."""
     tiny_pipeline(flavour, seed).save_pretrained(path, safe_serialization=True)
@@ -152,7 +144,7 @@ def save_tiny_model(path: str, flavour: str = "sd1", seed: int = 0) -> str:
 
 
 def demo_image(size: tuple[int, int] = (96, 64)):
-    """The embedded demo photo: a red disc on a blue-green ground (made in code, no file)."""
+    """A test photo: a red disc on a blue-green ground (made in code, no file)."""
     from PIL import Image, ImageDraw
 
     w, h = size
