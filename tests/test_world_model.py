@@ -48,7 +48,12 @@ def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
     assert not torch.equal(vae_before, pipe.vae.decoder.conv_out.weight)
     assert not torch.equal(unet_before, pipe.unet.conv_out.weight)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the world's latents
+    from diffusers import AutoencoderKL
+
+    pipe.vae.save_pretrained(str(tmp_path / "vae_stage"))  # as the training command reuses its VAE stage
+    pipe.vae = AutoencoderKL.from_pretrained(str(tmp_path / "vae_stage"))
     M.save_model(pipe, str(tmp_path / "m"))
+    assert "vae_stage" not in (tmp_path / "m" / "vae" / "config.json").read_text()  # no path of this machine
     weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
     from safetensors import safe_open
 
