@@ -248,6 +248,12 @@ def train_vae(pipe, steps: int, batch_size: int = 16, lr: float = 2e-3, latent_w
     return losses
 
 
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions as the text encoder takes them: padded to the tokenizer's 77 positions."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def encode_dataset(vae, tokenizer, n: int, seed: int, chunk: int = 64):
     """Render `n` random scenes once and keep what the UNet stage needs: the latents (the
     posterior mean; its std is 0.007) and the caption's token ids."""
@@ -257,8 +263,7 @@ def encode_dataset(vae, tokenizer, n: int, seed: int, chunk: int = 64):
         for start in range(0, n, chunk):
             x, captions = batch(rng, min(chunk, n - start))
             latents.append(vae.encode(x).latent_dist.mode())
-            ids.append(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids)
+            ids.append(token_ids(tokenizer, captions))
     return torch.cat(latents), torch.cat(ids)
 
 
@@ -299,8 +304,7 @@ def train_text_encoder(pipe, steps: int, batch_size: int = 64, lr: float = 2e-3,
     rng, losses = random.Random(seed), []
     for step in range(steps):
         scenes = [W.random_scene(rng) for _ in range(batch_size)]
-        ids = tokenizer([W.caption(s) for s in scenes], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, [W.caption(s) for s in scenes])
         labels = torch.tensor([scene_labels(s) for s in scenes])
         hidden = text_encoder(ids)[0]
         after_end = (ids == tokenizer.eos_token_id).cumsum(1) > 0  # the end token and the padding after it
@@ -343,8 +347,7 @@ def train_unet(pipe, steps: int, batch_size: int = 16, lr: float = 1e-3, drop_ca
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     weights = (snr + 1).clamp(max=min_snr) / (snr + 1) if v_prediction else snr.clamp(max=min_snr) / snr
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
+    empty = token_ids(tokenizer, [""])
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     ema = [q.detach().clone() for q in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -388,9 +391,7 @@ def save_model(pipe, out: str) -> None:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     for name in ("vae", "unet"):  # a reused VAE remembers the folder it came from: not a thing to ship
-        path = os.path.join(out, name, "config.json")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = _read_record(os.path.join(out, name, "config.json"))
         if config.pop("_name_or_path", None) is not None:
             _write_record(os.path.join(out, name), config, "config.json")
 
