@@ -92,8 +92,15 @@ METHODS = ("DAC", "target prompt only", "Abduction-1 only", "DAC eta=1 (no annea
            "SDEdit 0.5", "SDEdit 0.75")
 
 
-def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=METHODS) -> dict[str, list]:
-    """Images (one per seed) of each of `methods` for one case."""
+def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=METHODS,
+                unet_loras: dict | None = None) -> dict[str, list]:
+    """Images (one per seed) of each of `methods` for one case; `seeds` are consecutive.
+
+    `unet_loras` keeps the UNet LoRA of each source across calls: Abduction-1 depends only on
+    the source image and prompt (and its fixed seed), so cases that share a source share it.
+    """
+    if list(seeds) != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds must be consecutive integers, got {seeds}")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
@@ -103,19 +110,23 @@ def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=ME
     train_u = TrainSettings(s.unet_steps, s.lr, s.unet_rank)
     train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank)
     needs_u = {"DAC", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)"} & set(methods)
-    u = abduct_unet_lora(backend, latents, case.source_prompt, train_u).lora if needs_u else None
+    u = None
+    if needs_u:
+        key = json.dumps([case.source.to_json(), asdict(train_u)], sort_keys=True)
+        cache = unet_loras if unet_loras is not None else {}
+        if key not in cache:
+            cache[key] = abduct_unet_lora(backend, latents, case.source_prompt, train_u).lora
+        u = cache[key]
     delta = None
     if {"DAC", "DAC beta=0 (no subtraction)"} & set(methods):
         delta = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=s.eta).lora
     out: dict[str, list] = {}
 
     def sample(unet_lora, text_lora, eta=s.eta, beta=1.0):
-        images = []
-        for seed in seeds:
-            images += tensor_to_images(counterfactual_sample(
-                backend, case.target_prompt, unet_lora, text_lora, size, eta=eta, beta=beta, steps=s.sample_steps,
-                cfg=s.cfg, seed=seed))
-        return images
+        # one batch: image i has seed seeds[0] + i, as if sampled alone
+        return tensor_to_images(counterfactual_sample(
+            backend, case.target_prompt, unet_lora, text_lora, size, eta=eta, beta=beta, steps=s.sample_steps,
+            cfg=s.cfg, seed=seeds[0], num_images=len(seeds)))
 
     for method in methods:
         if method == "DAC":
@@ -131,13 +142,14 @@ def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=ME
             out[method] = sample(u, delta, beta=0.0)
         else:
             strength = float(method.split()[1])
-            out[method] = [img2img(backend, case, pixels, strength, seed, s) for seed in seeds]
+            out[method] = img2img(backend, case, pixels, strength, seeds, s)
     return out
 
 
 @torch.no_grad()
-def img2img(backend, case: W.Case, pixels, strength: float, seed: int, s: Settings):
-    """SDEdit: noise the source latent to `strength` and denoise with the target prompt."""
+def img2img(backend, case: W.Case, pixels, strength: float, seeds: list[int], s: Settings) -> list:
+    """SDEdit: noise the source latent to `strength` and denoise with the target prompt; one
+    image per seed, in one batch."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     for name in ("unet", "delta", "extra"):
@@ -146,7 +158,8 @@ def img2img(backend, case: W.Case, pixels, strength: float, seed: int, s: Settin
     pipe.set_progress_bar_config(disable=True)
     image = tensor_to_images(pixels)[0]
     return pipe(case.target_prompt, image=image, strength=strength, num_inference_steps=s.sample_steps,
-                guidance_scale=s.cfg, generator=torch.Generator().manual_seed(seed)).images[0]
+                guidance_scale=s.cfg, num_images_per_prompt=len(seeds),
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
 
 
 def run(model: str, cases: list[W.Case], s: Settings, seeds: int = 1, device: str = "cpu",
@@ -159,9 +172,10 @@ def run(model: str, cases: list[W.Case], s: Settings, seeds: int = 1, device: st
     results: dict = {"settings": asdict(s), "seeds": seeds, "model": os.path.basename(os.path.normpath(model)),
                      "environment": environment(device), "cases": []}
     images = []
+    unet_loras: dict = {}
     start = time.time()
     for k, case in enumerate(cases):
-        outputs = run_methods(backend, case, s, list(range(seeds)), methods)
+        outputs = run_methods(backend, case, s, list(range(seeds)), methods, unet_loras)
         row = {"edit": case.edit, "source": case.source_prompt, "target": case.target_prompt, "methods": {}}
         for method, imgs in outputs.items():
             scores = [score(case, img) for img in imgs]
@@ -270,7 +284,7 @@ def main(argv=None) -> None:
     p.add_argument("--cases", help="case file (JSON list; see dac_core.world.Case); default: 6 per edit type")
     p.add_argument("--case-seed", type=int, default=0, help="seed of the default case set (default 0)")
     p.add_argument("--per-type", type=int, default=6, help="cases per edit type of the default set (default 6)")
-    p.add_argument("--seeds", type=int, default=4, help="K sampling seeds per method for best-of-K (default 4)")
+    p.add_argument("--seeds", type=int, default=2, help="K sampling seeds per method for best-of-K (default 2)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all)")
     p.add_argument("--json", help="write the results here")

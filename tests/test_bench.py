@@ -31,6 +31,25 @@ def test_a_different_scene_is_neither_edited_nor_preserved():
     assert not result.preserved and not result.joint
 
 
+def test_default_cases_share_sources_and_the_unet_lora_is_fitted_once_per_source(make_backend, monkeypatch):
+    cases = W.default_cases(per_type=2)
+    assert len({json.dumps(c.source.to_json()) for c in cases}) == 2  # six edits of each source
+    fitted = []
+    real = bench.abduct_unet_lora
+    monkeypatch.setattr(bench, "abduct_unet_lora", lambda *a, **k: fitted.append(a[2]) or real(*a, **k))
+    backend = make_backend("sd1")
+    s = bench.Settings(unet_steps=2, te_steps=2, unet_rank=4, sample_steps=2)
+    cache: dict = {}
+    methods = ("DAC", "Abduction-1 only")
+    shared = [bench.run_methods(backend, case, s, [0], methods, cache) for case in cases[:2]]
+    assert fitted == [cases[0].source_prompt]
+    # sharing changes nothing but the time: a fresh fit of the same source gives the same images
+    alone = bench.run_methods(backend, cases[1], s, [0], methods)
+    assert len(fitted) == 2
+    for method in methods:
+        assert list(shared[1][method][0].getdata()) == list(alone[method][0].getdata())
+
+
 def test_methods_run_end_to_end_on_a_tiny_model(make_backend):
     case = W.default_cases(per_type=1)[0]
     backend = make_backend("sd1")
