@@ -126,10 +126,12 @@ DEMO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
 # channels; rank 32 is about half rank there), to the demo's 3 minutes on 2 CPU cores and
 # to the benchmark's 45 minutes. Measured: the UNet LoRA reproduces the source (PSNR ~30 dB
 # outside the objects) from about 150-200 steps at lr 5e-4 (100 steps: 13 dB on some
-# sources); the text LoRA scores the same after 50 steps as after 100; 300 + 300 steps at
-# lr 1e-4 took 241 s and kept the demo's stripes less well (PSNR 17 dB against 23).
-# Used by `dac-edit --demo` and the benchmark.
-DAC_SETTINGS = dict(unet_steps=200, te_steps=50, unet_rank=32, te_rank=4, lr=5e-4, eta=0.8, sample_steps=20,
+# sources); the text LoRA scored the same after 50 steps as after 100 (6 cases, 2 seeds);
+# a benchmark run at 50 text steps and 20 sampling steps was on course for 47 min, hence 40
+# and 16 (DDIM, trailing spacing); 300 + 300 steps at lr 1e-4 took 241 s and kept the
+# demo's stripes less well (PSNR 17 dB against 23). Used by `dac-edit --demo` and the
+# benchmark.
+DAC_SETTINGS = dict(unet_steps=200, te_steps=40, unet_rank=32, te_rank=4, lr=5e-4, eta=0.8, sample_steps=16,
                     cfg=4.0)
 # The demo: a colour edit of one of two objects; the other object, the background and the
 # details no caption names (the objects' heights, the stripes' phase) must stay.
