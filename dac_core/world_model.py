@@ -71,8 +71,9 @@ background colour, texture, position and no extra object 100%, object colour 98%
 The loss was still falling (0.14 at step 1100, 0.08 at 3100): more UNet steps would help,
 but 110 of the 120 minutes are spent. Next: where the shape errors come from (the 32x32
 level has 32 channels and no attention; star points and triangle corners are 1-2 latent
-pixels), a cheaper step (self-attention at 16x16 costs about 20% of a step) and the
-learning rate.
+pixels) and the learning rate. Not a cheaper step: making the 16x16 self-attention
+cross-attention only (`only_cross_attention=True`) saves 4% of a step (1.31 -> 1.26 s at
+batch 16, 2 threads).
 """
 
 from __future__ import annotations
