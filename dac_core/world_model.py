@@ -69,11 +69,10 @@ loss 0.076): **20% of 50** generated images match every attribute. Per attribute
 background colour, texture, position and no extra object 100%, object colour 98%, size
 79%, shape 53%: the layout and the colours follow the caption, shapes come out rounded.
 The loss was still falling (0.14 at step 1100, 0.08 at 3100): more UNet steps would help,
-but 110 of the 120 minutes are spent. Next: where the shape errors come from (the 32x32
-level has 32 channels and no attention; star points and triangle corners are 1-2 latent
-pixels) and the learning rate. Not a cheaper step: making the 16x16 self-attention
-cross-attention only (`only_cross_attention=True`) saves 4% of a step (1.31 -> 1.26 s at
-batch 16, 2 threads).
+but 110 of the 120 minutes are spent (the 32x32 level has 32 channels and no attention;
+star points and triangle corners are 1-2 latent pixels). Not a cheaper step: making the
+16x16 self-attention cross-attention only (`only_cross_attention=True`) saves 4% of a step
+(1.31 -> 1.26 s at batch 16, 2 threads).
 
 Why not 90% (probed after the 20% run, 2 threads): not the sampler (the shipped model with
 DDIM at guidance 3, 4, 5.5, DPM-Solver++, Euler ancestral, UniPC, 30 steps: 20-22% of 50,
