@@ -64,6 +64,22 @@ def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
     assert torch.equal(loaded.unet.conv_out.weight, pipe.unet.conv_out.weight.half().float())
 
 
+def test_object_masks_cover_the_objects_at_latent_size_and_nothing_far_from_them():
+    rng = random.Random(4)
+    for _ in range(30):
+        scene = W.random_scene(rng)
+        mask = M.latent_object_mask(scene, W.SIZE // 2).numpy()
+        assert mask.shape == (W.SIZE // 2, W.SIZE // 2)
+        pixels = np.zeros((W.SIZE, W.SIZE), bool)
+        for o in scene.objects:
+            pixels |= W.object_mask(o)
+        ys, xs = np.nonzero(pixels)
+        assert mask[ys // 2, xs // 2].all()  # every object pixel's latent pixel, outlines included
+        ys, xs = np.nonzero(~W._dilate(pixels, 4))  # 4 pixels from every object: 2 latent pixels at least
+        assert not mask[ys // 2, xs // 2].any()
+        assert 0.02 < mask.mean() < 0.5
+
+
 def test_scene_labels_are_what_the_caption_says():
     rng = random.Random(3)
     for _ in range(50):
