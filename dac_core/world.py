@@ -146,6 +146,15 @@ def object_mask(obj: Obj) -> np.ndarray:
     return _mask(obj.shape, obj.size, obj.position, obj.dy)
 
 
+def objects_mask(*scenes: Scene) -> np.ndarray:
+    """Boolean [SIZE, SIZE] union of the objects' masks of every scene given."""
+    mask = np.zeros((SIZE, SIZE), bool)
+    for scene in scenes:
+        for obj in scene.objects:
+            mask |= object_mask(obj)
+    return mask
+
+
 @functools.lru_cache(maxsize=None)
 def _mask(shape: str, size: str, position: str, dy: int) -> np.ndarray:
     from PIL import Image, ImageDraw
@@ -421,9 +430,7 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
         core = _mask(best[0], best[1], obj.position, best[2]) & blob
         colour = _nearest(np.median(arr[core], axis=0), OBJECT_COLOURS) if core.any() else None
         objects.append(ObjectCheck(obj, best[0], colour, best[1], best_iou))
-    masks = np.zeros((SIZE, SIZE), bool)
-    for o in scene.objects:
-        masks |= object_mask(o)
+    masks = objects_mask(scene)
     around = _dilate(masks, 2)
     extra = [p for p in POSITIONS if p not in grown and (fg & _slot(p) & ~around).sum() > 20]
     colour, texture = _check_background(arr, around | _dilate(fg, 1))
@@ -431,9 +438,7 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
     if reference is not None:
         if not isinstance(reference, np.ndarray):
             reference = np.asarray(reference.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
-        keep_out = masks.copy()
-        for o in (reference_scene.objects if reference_scene else ()):
-            keep_out |= object_mask(o)
+        keep_out = objects_mask(scene, reference_scene) if reference_scene else masks
         outside = ~_dilate(keep_out, 2)
         diff = arr[outside] - reference.astype(float)[outside]
         mse = float((diff**2).mean())

@@ -232,10 +232,11 @@ def build_pipeline(seed: int = 0):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list]:
+    """`size` random scenes, rendered (in [-1, 1], NCHW), and the scenes."""
     scenes = [W.random_scene(rng) for _ in range(size)]
     images = np.stack([np.asarray(W.render(s), np.float32) for s in scenes]) / 127.5 - 1
-    return torch.from_numpy(images).permute(0, 3, 1, 2), [W.caption(s) for s in scenes]
+    return torch.from_numpy(images).permute(0, 3, 1, 2), scenes
 
 
 def _schedule(opt, steps: int, warmup: int = 100):
@@ -285,26 +286,21 @@ def encode_dataset(vae, tokenizer, n: int, seed: int, chunk: int = 64):
     posterior mean; its std is 0.007), the caption's token ids and the objects' masks at the
     latents' size (`latent_object_mask`)."""
     rng = random.Random(seed)
-    latents, ids = [], []
+    latents, ids, masks = [], [], []
     with torch.no_grad():
         for start in range(0, n, chunk):
-            x, captions = batch(rng, min(chunk, n - start))
+            x, scenes = batch(rng, min(chunk, n - start))
             latents.append(vae.encode(x).latent_dist.mode())
-            ids.append(token_ids(tokenizer, captions))
-    latents = torch.cat(latents)
-    rng = random.Random(seed)  # the same scenes again
-    masks = torch.stack([latent_object_mask(W.random_scene(rng), latents.shape[-1]) for _ in range(n)])
-    return latents, torch.cat(ids), masks
+            ids.append(token_ids(tokenizer, [W.caption(s) for s in scenes]))
+            masks += [latent_object_mask(s, latents[-1].shape[-1]) for s in scenes]
+    return torch.cat(latents), torch.cat(ids), torch.stack(masks)
 
 
 def latent_object_mask(scene, size: int) -> torch.Tensor:
     """Where the scene's objects are, at latent size (bool [size, size]): a latent pixel
     counts if any pixel it covers is an object's, then grown by one latent pixel so the
     outlines, where shapes differ, are in."""
-    mask = np.zeros((W.SIZE, W.SIZE), bool)
-    for o in scene.objects:
-        mask |= W.object_mask(o)
-    m = torch.from_numpy(mask)[None, None].float()
+    m = torch.from_numpy(W.objects_mask(scene))[None, None].float()
     m = F.max_pool2d(m, W.SIZE // size)
     return F.max_pool2d(m, 3, stride=1, padding=1)[0, 0] > 0
 

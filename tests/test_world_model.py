@@ -70,9 +70,7 @@ def test_object_masks_cover_the_objects_at_latent_size_and_nothing_far_from_them
         scene = W.random_scene(rng)
         mask = M.latent_object_mask(scene, W.SIZE // 2).numpy()
         assert mask.shape == (W.SIZE // 2, W.SIZE // 2)
-        pixels = np.zeros((W.SIZE, W.SIZE), bool)
-        for o in scene.objects:
-            pixels |= W.object_mask(o)
+        pixels = W.objects_mask(scene)
         ys, xs = np.nonzero(pixels)
         assert mask[ys // 2, xs // 2].all()  # every object pixel's latent pixel, outlines included
         ys, xs = np.nonzero(~W._dilate(pixels, 4))  # 4 pixels from every object: 2 latent pixels at least
