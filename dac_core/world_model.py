@@ -8,8 +8,8 @@ linear read-out of its states must give back every attribute of the scene, as SD
 encoder comes pre-trained); then the UNet, text encoder frozen, on a fixed set of encoded
 scenes (v-prediction on a zero-terminal-SNR schedule, min-SNR-5 weights, the objects'
 latent pixels weighted 1 + 5 times, 10% empty captions for classifier-free guidance, EMA
-weights). Step counts, not time limits, so the
-same seed gives the same model on the same torch build; sized for 2 CPU cores.
+weights). Step counts, not time limits, so the same seed gives the same model on the same
+torch build; sized for 2 CPU cores.
 
     python -m dac_core.world_model --out DIR   # --vae-steps 1500 --text-steps 300 --unet-steps 4000 --object-weight 5
 
@@ -90,9 +90,9 @@ and the objects carry about half of it). At 1500 steps: colours 94% (70% without
 35% (29%), sizes 72% (69%), 2 of 50 images right (0). With the defaults (1500 VAE, 300
 text, 4000 UNet steps, object weight 5: 25 + 3.2 + 81.5 = 110 min, the VAE stage reused
 from the run above, same seed and steps): **80% of 50** generated images match every
-attribute (20% without the weight; the issue's target, 90%, is not met). Per attribute: shape 92% (53%), size 92% (79%),
-colour 93% (98%), position 93% (100%), texture 96% (100%), background colour and no extra
-object 100%.
+attribute (20% without the weight; the issue's target, 90%, is not met). Per attribute:
+shape 92% (53%), size 92% (79%), colour 93% (98%), position 93% (100%), texture 96%
+(100%), background colour and no extra object 100%.
 
 What is left (50 other unseen captions, seed 1234, 76% right at guidance 4): every wrong
 object is small; of 11, 7 are drawn twice, above and below the middle (the model hedges
