@@ -18,6 +18,7 @@ from collections import defaultdict
 from dac_core import bench as B
 from dac_core import world as W
 from dac_core.diffusers_backend import DiffusersBackend
+from dac_core.files import atomic_path
 from dac_core.image import image_to_tensor, tensor_to_images
 from dac_core.stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 from dac_core.world_model import shipped_model_path
@@ -73,7 +74,7 @@ def main() -> None:
               f"PSNR {psnr / n:.1f} dB")
     print(f"{time.time() - start:.0f} s; {B.environment('cpu')}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
 
 

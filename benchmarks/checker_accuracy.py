@@ -55,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.scenes} held-out scenes (seed 12345), 64x64")
     print(f"{'degradation':<34}{'match acc.':>12}{'mismatch acc.':>15}")
-    for label, noise, blur, jpeg in (("none", 0, 0, None), ("noise 8", 8, 0, None),
-                                     ("noise 12 + blur 0.6", 12, 0.6, None), ("noise 8 + blur 0.6 + JPEG 75", 8, 0.6, 75)):
+    degradations = (("none", 0, 0, None), ("noise 8", 8, 0, None), ("noise 12 + blur 0.6", 12, 0.6, None),
+                    ("noise 8 + blur 0.6 + JPEG 75", 8, 0.6, 75))
+    for label, noise, blur, jpeg in degradations:
         m, mm = accuracy(args.scenes, noise, blur, jpeg)
         print(f"{label:<34}{m:>12.3f}{mm:>15.3f}")
 

@@ -25,7 +25,8 @@ OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23
 def lora_parameters(model: torch.nn.Module, targets, rank: int) -> int:
     total = 0
     for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets):
+        targeted = any(name == t or name.endswith("." + t) for t in targets)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and targeted:
             w = m.weight
             total += rank * (w[0].numel() + w.shape[0])  # down [r, in*k*k] + up [out, r]
     return total
