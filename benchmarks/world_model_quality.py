@@ -45,9 +45,9 @@ def main() -> None:
         from diffusers import EulerAncestralDiscreteScheduler
 
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    unseen_only = M.training_captions()
     start = time.time()
-    rates = M.evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance,
-                       exclude=M.training_captions())
+    rates = M.evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance, exclude=unseen_only)
     seconds = time.time() - start
     low, high = wilson(rates["all"], args.captions)
     env = B.environment("cpu")
