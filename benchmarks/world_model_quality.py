@@ -6,17 +6,23 @@ in the UNet's training set; seed 999 gives the same first 50 as the training run
 one image each and prints the share the checker passes on every attribute, with its 95%
 Wilson interval, and the share right per attribute.
 
-    python benchmarks/world_model_quality.py [--model DIR] [--captions 200] [--sampler ddim|euler-ancestral]
+    python benchmarks/world_model_quality.py [--model DIR] [--captions 200] [--sampler ddim|euler-ancestral] [--why]
+
+`--why` also sorts the images that fail: an object drawn twice (two separate patches of
+object colour in its column, `world.blobs`), an object of the wrong shape, size or colour,
+or only the background wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import time
 
 from dac_core import bench as B
+from dac_core import world as W
 from dac_core import world_model as M
 from dac_core.diffusers_backend import load_pipeline
 from dac_core.files import atomic_path
@@ -29,6 +35,29 @@ def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+class Failures:
+    """Tally of why images fail the checker (`on_image` for `world_model.evaluate`)."""
+
+    def __init__(self):
+        self.images = collections.Counter()  # failed images by what is wrong in them
+        self.objects = collections.Counter()  # wrong objects by size and what is wrong
+        self.passed_twice = 0  # images the checker passes with an object drawn twice
+
+    def __call__(self, scene, image, report) -> None:
+        if report.all_ok:
+            # two copies each half the blob can still match one template at the IoU bound (0.5)
+            self.passed_twice += any(len(W.blobs(scene, image, o.position)) >= 2 for o in scene.objects)
+            return
+        kinds = set()
+        for o in report.objects:
+            if o.ok:
+                continue
+            kind = "drawn twice" if len(W.blobs(scene, image, o.expected.position)) >= 2 else "wrong"
+            kinds.add(kind)
+            self.objects[f"{o.expected.size} {o.expected.shape}: {kind}"] += 1
+        self.images[" and ".join(sorted(kinds)) + " object" if kinds else "background or texture"] += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a world model folder (default: the shipped one)")
@@ -38,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--why", action="store_true", help="also sort the failed images by what is wrong")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model or M.shipped_model_path())
@@ -47,7 +77,9 @@ def main() -> None:
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     unseen_only = M.training_captions()
     start = time.time()
-    rates = M.evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance, exclude=unseen_only)
+    failures = Failures() if args.why else None
+    rates = M.evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance, exclude=unseen_only,
+                       on_image=failures)
     seconds = time.time() - start
     low, high = wilson(rates["all"], args.captions)
     env = B.environment("cpu")
@@ -55,8 +87,15 @@ def main() -> None:
           f"guidance {args.guidance}, {seconds:.0f} s; {env}")
     print(f"every attribute right: {rates['all']:.1%} (95% interval {low:.1%} - {high:.1%})")
     print("per attribute: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items() if k != "all"))
+    if failures:
+        print("failed images: " + ", ".join(f"{n} {k}" for k, n in failures.images.most_common()))
+        print("wrong objects: " + ", ".join(f"{n} {k}" for k, n in failures.objects.most_common()))
+        print(f"passed, but with an object drawn twice: {failures.passed_twice}")
     if args.json:
         record = {**vars(args), **env, "seconds": seconds, "interval_95": [low, high], **rates}
+        if failures:
+            record.update(failed_images=dict(failures.images), wrong_objects=dict(failures.objects),
+                          passed_twice=failures.passed_twice)
         with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
 

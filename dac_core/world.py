@@ -4,11 +4,11 @@ A scene is a structured spec: a background (colour and texture) and one to three
 each with a shape, colour, size and position. Two details are in the spec but not in the
 caption, like the many details of a real photo that no caption names: each object's height
 (`dy`, pixels above or below the middle) and the phase of the stripes or checks (`phase`).
-A caption does not fix the image; only an edit that keeps the source's details preserves it. `render` draws it deterministically,
-`caption` describes it in plain English, and `check` measures an image against a spec:
-per object whether shape, colour, size and position match, and how well the region that
-should not change is preserved. The checker only ever looks at pixels and specs; it is
-never tuned on any method's output.
+A caption does not fix the image; only an edit that keeps the source's details preserves
+it. `render` draws it deterministically, `caption` describes it in plain English, and
+`check` measures an image against a spec: per object whether shape, colour, size and
+position match, and how well the region that should not change is preserved. The checker
+only ever looks at pixels and specs; it is never tuned on any method's output.
 """
 
 from __future__ import annotations
@@ -445,6 +445,33 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
         report.mae = float(np.abs(diff).mean())
         report.psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
     return report
+
+
+def blobs(scene: Scene, image, position: str, min_pixels: int = 30) -> list[int]:
+    """Sizes (pixels, largest first) of the separate patches of object colour, `min_pixels`
+    or more (a small star has 55, a detached point of a star fewer), in the column
+    where `scene` has its object at `position`: an object drawn twice shows as two. For
+    looking into failures; `check` does not use it."""
+    from PIL import Image
+
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
+    todo = _foreground(image.astype(float), scene) & _slot(position)
+    sizes = []
+    for y, x in zip(*np.nonzero(todo)):
+        if not todo[y, x]:
+            continue
+        todo[y, x], stack, n = False, [(y, x)], 0
+        while stack:  # flood fill, 4-connected
+            a, b = stack.pop()
+            n += 1
+            for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                if 0 <= c < SIZE and 0 <= d < SIZE and todo[c, d]:
+                    todo[c, d] = False
+                    stack.append((c, d))
+        if n >= min_pixels:
+            sizes.append(n)
+    return sorted(sizes, reverse=True)
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:

@@ -9,7 +9,8 @@ from PIL import ImageFilter
 
 from dac_core import world as W
 
-SCENE = W.Scene("green", "striped", (W.Obj("circle", "red", "small", "left"), W.Obj("square", "blue", "large", "right")))
+SCENE = W.Scene("green", "striped",
+                (W.Obj("circle", "red", "small", "left"), W.Obj("square", "blue", "large", "right")))
 
 
 def noisy(img, seed, sigma=8.0, blur=0.6):
@@ -136,3 +137,12 @@ def test_checker_survives_an_image_without_background():
     scene = W.Scene("white", "striped", (W.Obj("circle", "red", "large", "center"),))
     report = W.check(scene, np.full((W.SIZE, W.SIZE, 3), W.COLOURS["red"], np.uint8))
     assert not report.background_ok and not report.texture_ok and not report.all_ok
+
+
+def test_blobs_tell_an_object_drawn_twice_from_one():
+    low, high = (W.Scene("green", "striped", (W.Obj("star", "red", "small", "left", dy),)) for dy in (-8, 8))
+    one = np.asarray(W.render(low))
+    twice = np.where(W.object_mask(high.objects[0])[..., None], np.asarray(W.render(high)), one)
+    assert len(W.blobs(low, one, "left")) == 1
+    assert len(W.blobs(low, twice, "left")) == 2
+    assert W.blobs(low, one, "right") == []
