@@ -46,16 +46,21 @@ class Failures:
     def __call__(self, scene, image, report) -> None:
         if report.all_ok:
             # two copies each half the blob can still match one template at the IoU bound (0.5)
-            self.passed_twice += any(len(W.blobs(scene, image, o.position)) >= 2 for o in scene.objects)
+            self.passed_twice += any(self._twice(scene, image, o.position) for o in scene.objects)
             return
         kinds = set()
         for o in report.objects:
             if o.ok:
                 continue
-            kind = "drawn twice" if len(W.blobs(scene, image, o.expected.position)) >= 2 else "wrong"
+            kind = "drawn twice" if self._twice(scene, image, o.expected.position) else "wrong"
             kinds.add(kind)
             self.objects[f"{o.expected.size} {o.expected.shape}: {kind}"] += 1
         self.images[" and ".join(sorted(kinds)) + " object" if kinds else "background or texture"] += 1
+
+
+    @staticmethod
+    def _twice(scene, image, position: str) -> bool:
+        return len(W.blobs(scene, image, position)) >= 2
 
 
 def main() -> None:
@@ -87,13 +92,13 @@ def main() -> None:
           f"guidance {args.guidance}, {seconds:.0f} s; {env}")
     print(f"every attribute right: {rates['all']:.1%} (95% interval {low:.1%} - {high:.1%})")
     print("per attribute: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items() if k != "all"))
-    if failures:
+    if failures is not None:
         print("failed images: " + ", ".join(f"{n} {k}" for k, n in failures.images.most_common()))
         print("wrong objects: " + ", ".join(f"{n} {k}" for k, n in failures.objects.most_common()))
         print(f"passed, but with an object drawn twice: {failures.passed_twice}")
     if args.json:
         record = {**vars(args), **env, "seconds": seconds, "interval_95": [low, high], **rates}
-        if failures:
+        if failures is not None:
             record.update(failed_images=dict(failures.images), wrong_objects=dict(failures.objects),
                           passed_twice=failures.passed_twice)
         with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -399,12 +399,8 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
 
     With `reference` (the source image) and `reference_scene` (its spec), PSNR and mean
     absolute error are computed over the pixels outside the objects of both specs."""
-    from PIL import Image
-
     validate(scene)
-    if not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
-    arr = image.astype(float)
+    arr = _pixels(image)
     fg = _foreground(arr, scene)
     grown = {o.position: _dilate(object_mask(o), 1) for o in scene.objects}
     objects = []
@@ -436,11 +432,10 @@ def check(scene: Scene, image, reference=None, reference_scene: Scene | None = N
     colour, texture = _check_background(arr, around | _dilate(fg, 1))
     report = Report(objects, colour == scene.background, texture == scene.texture, extra)
     if reference is not None:
-        if not isinstance(reference, np.ndarray):
-            reference = np.asarray(reference.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
+        reference = _pixels(reference)
         keep_out = objects_mask(scene, reference_scene) if reference_scene else masks
         outside = ~_dilate(keep_out, 2)
-        diff = arr[outside] - reference.astype(float)[outside]
+        diff = arr[outside] - reference[outside]
         mse = float((diff**2).mean())
         report.mae = float(np.abs(diff).mean())
         report.psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
@@ -452,11 +447,7 @@ def blobs(scene: Scene, image, position: str, min_pixels: int = 30) -> list[int]
     or more (a small star has 55, a detached point of a star fewer), in the column
     where `scene` has its object at `position`: an object drawn twice shows as two. For
     looking into failures; `check` does not use it."""
-    from PIL import Image
-
-    if not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
-    todo = _foreground(image.astype(float), scene) & _slot(position)
+    todo = _foreground(_pixels(image), scene) & _slot(position)
     sizes = []
     for y, x in zip(*np.nonzero(todo)):
         if not todo[y, x]:
@@ -472,6 +463,15 @@ def blobs(scene: Scene, image, position: str, min_pixels: int = 30) -> list[int]
         if n >= min_pixels:
             sizes.append(n)
     return sorted(sizes, reverse=True)
+
+
+def _pixels(image) -> np.ndarray:
+    """An image as the checker reads it: HxWx3 floats, a PIL image resized to 64x64 first."""
+    if not isinstance(image, np.ndarray):
+        from PIL import Image
+
+        image = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC))
+    return image.astype(float)
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
