@@ -179,10 +179,10 @@ DAC_SETTINGS = dict(unet_steps=200, te_steps=40, unet_rank=32, te_rank=4, lr=5e-
 # The demo: a colour edit of one of two objects; the other object, the background and the
 # details no caption names (the objects' heights, the stripes' phase) must stay.
 DEMO_CASE = W.Case("manipulation",
-                   W.Scene("blue", "striped", (W.Obj("circle", "red", "large", "left", dy=-5),
-                                               W.Obj("square", "yellow", "small", "right", dy=6)), phase=3),
-                   W.Scene("blue", "striped", (W.Obj("circle", "green", "large", "left", dy=-5),
-                                               W.Obj("square", "yellow", "small", "right", dy=6)), phase=3))
+                   W.Scene("blue", "striped", (W.Obj("circle", "red", "large", "left", dy=-2),
+                                               W.Obj("square", "yellow", "small", "right", dy=2)), phase=3),
+                   W.Scene("blue", "striped", (W.Obj("circle", "green", "large", "left", dy=-2),
+                                               W.Obj("square", "yellow", "small", "right", dy=2)), phase=3))
 
 
 def write_demo_source(path: str = DEMO_SOURCE) -> None:
