@@ -38,12 +38,12 @@ def test_shipped_model_loads_as_the_documented_architecture(backend):
 
 def test_shipped_model_draws_what_unseen_captions_say(backend):
     # 12 scenes of the evaluation stream (not in the training set); the full figure (50 scenes)
-    # is in assets/world_model/training.json and the README. What this model does reliably:
-    # the layout, the colours and the background (every attribute right: 80% of 50, short of
-    # the 90%; shapes and sizes 92%)
+    # is in assets/world_model/training.json, 200 in the README (every attribute right: 97.5%;
+    # shapes 99.6%, textures 98.5%). Asserted: what a 12-image sample tells reliably
     rates = M.evaluate(backend.pipe, n=12, exclude=M.training_captions())
-    for attribute in ("background", "texture", "position", "colour", "no_extra"):
+    for attribute in ("background", "texture", "position", "colour", "size", "shape", "no_extra"):
         assert rates[attribute] >= 0.9, rates
+    assert rates["all"] >= 0.8, rates  # the bar is 90% of many; 12 images vary more
 
 
 def test_demo_edit_changes_the_colour_and_keeps_the_rest(tmp_path, capsys):
