@@ -64,7 +64,8 @@ def test_height_and_phase_are_in_the_image_not_in_the_caption():
     assert report.psnr < 15  # the stripes are out of phase
     rng = random.Random(5)
     scenes = [W.random_scene(rng) for _ in range(50)]
-    assert len({s.phase for s in scenes}) == W.STRIPE and len({o.dy for s in scenes for o in s.objects}) == 2 * W.MAX_DY + 1
+    assert len({s.phase for s in scenes}) == W.STRIPE
+    assert len({o.dy for s in scenes for o in s.objects}) == 2 * W.MAX_DY + 1
 
 
 def test_checker_passes_the_scene_itself():
