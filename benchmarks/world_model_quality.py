@@ -57,7 +57,6 @@ class Failures:
             self.objects[f"{o.expected.size} {o.expected.shape}: {kind}"] += 1
         self.images[" and ".join(sorted(kinds)) + " object" if kinds else "background or texture"] += 1
 
-
     @staticmethod
     def _twice(scene, image, position: str) -> bool:
         return len(W.blobs(scene, image, position)) >= 2

@@ -141,10 +141,10 @@ def test_checker_survives_an_image_without_background():
 
 
 def test_blobs_tell_an_object_drawn_twice_from_one():
-    low = W.Scene("green", "striped", (W.Obj("star", "red", "small", "left"),))
-    one = np.asarray(W.render(low))
-    below = np.roll(W.object_mask(low.objects[0]), 16, 0)  # a second copy 16 px lower
+    scene = W.Scene("green", "striped", (W.Obj("star", "red", "small", "left"),))
+    one = np.asarray(W.render(scene))
+    below = np.roll(W.object_mask(scene.objects[0]), 16, 0)  # a second copy 16 px lower
     twice = np.where(below[..., None], np.roll(one, 16, 0), one)
-    assert len(W.blobs(low, one, "left")) == 1
-    assert len(W.blobs(low, twice, "left")) == 2
-    assert W.blobs(low, one, "right") == []
+    assert len(W.blobs(scene, one, "left")) == 1
+    assert len(W.blobs(scene, twice, "left")) == 2
+    assert W.blobs(scene, one, "right") == []
