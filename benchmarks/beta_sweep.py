@@ -41,10 +41,10 @@ def main() -> None:
     for k, case in enumerate(cases):
         latents = backend.encode_image(image_to_tensor(W.render(case.source), (W.SIZE, W.SIZE)))
         for unet_steps in (int(x) for x in args.unet_steps.split(",")):
-            train_u = TrainSettings(unet_steps, s.lr, s.unet_rank)
+            train_u = TrainSettings(unet_steps, s.lr, s.unet_rank, max_grad_norm=s.max_grad_norm)
             u = abduct_unet_lora(backend, latents, case.source_prompt, train_u).lora
-            delta = abduct_text_lora(backend, latents, case.target_prompt, u,
-                                     TrainSettings(s.te_steps, s.lr, s.te_rank), eta=s.eta).lora
+            train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank, max_grad_norm=s.max_grad_norm)
+            delta = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=s.eta).lora
 
             def scores(text_lora, eta, beta):
                 images = tensor_to_images(counterfactual_sample(

@@ -56,6 +56,9 @@ class DACBackend(ABC):
     native_side: int  # the model's native image side in pixels (512 for SD 1.5 / 2.1-base)
     latent_factor: int  # pixels per latent pixel (8 for SD)
     latent_channels: int  # 4 for SD 1.x / 2.x
+    # What the model computes in while training (LoRA weights stay float32); float16 makes
+    # the stages scale the loss (torch.amp.GradScaler).
+    training_dtype: torch.dtype = torch.float32
 
     # --- images and prompts -------------------------------------------------------------
     @abstractmethod

@@ -83,6 +83,7 @@ class Settings:
     unet_rank: int = DAC_SETTINGS["unet_rank"]
     te_rank: int = DAC_SETTINGS["te_rank"]
     lr: float = DAC_SETTINGS["lr"]
+    max_grad_norm: float = DAC_SETTINGS["max_grad_norm"]
     eta: float = DAC_SETTINGS["eta"]
     sample_steps: int = DAC_SETTINGS["sample_steps"]
     cfg: float = DAC_SETTINGS["cfg"]
@@ -107,8 +108,8 @@ def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=ME
     pixels = image_to_tensor(W.render(case.source), (W.SIZE, W.SIZE))
     latents = backend.encode_image(pixels)
     size = (W.SIZE, W.SIZE)
-    train_u = TrainSettings(s.unet_steps, s.lr, s.unet_rank)
-    train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank)
+    train_u = TrainSettings(s.unet_steps, s.lr, s.unet_rank, max_grad_norm=s.max_grad_norm)
+    train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank, max_grad_norm=s.max_grad_norm)
     needs_u = {"DAC", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)"} & set(methods)
     u = None
     if needs_u:

@@ -48,6 +48,7 @@ class EditParams:
     unet_rank: int = 512
     te_rank: int = 4
     lr: float = 1e-4
+    max_grad_norm: float | None = None  # None or 0: no clipping, as the reference really trains
     eta: float = 0.8
     beta: float = 1.0
     negative: str = ""
@@ -71,6 +72,9 @@ class EditParams:
             raise DACError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise DACError(f"lr must be a positive number, got {self.lr!r}")
+        g = self.max_grad_norm
+        if g is not None and not (math.isfinite(g) and g >= 0):
+            raise DACError(f"max_grad_norm must be 0 (no clipping) or a positive number, got {g!r}")
         for name in ("source", "target"):
             if not getattr(self, name).strip():
                 raise DACError(f"{name} prompt is empty: give a caption, e.g. 'A cat.'")
@@ -110,7 +114,8 @@ def _save_state(final: str, key: str, state: TrainState) -> None:
     lora_path, state_path = _partial_paths(final)
     with atomic_path(state_path) as tmp:
         torch.save({"key": key, "step": state.step, "optimizer": state.optimizer,
-                    "generator": state.generator, "losses": state.losses}, tmp)
+                    "generator": state.generator, "losses": state.losses, "scaler": state.scaler,
+                    "skipped": state.skipped}, tmp)
     save_lora(state.lora, lora_path, {"dac.key": key, "dac.partial_step": str(state.step)})
 
 
@@ -127,7 +132,8 @@ def _load_state(final: str, key: str) -> TrainState | None:
     if state.get("key") != key or lora.metadata.get("dac.partial_step") != str(state.get("step")):
         log.warning("ignoring partial state %s: it belongs to other settings; starting afresh", lora_path)
         return None
-    return TrainState(state["step"], lora, state["optimizer"], state["generator"], list(state["losses"]))
+    return TrainState(state["step"], lora, state["optimizer"], state["generator"], list(state["losses"]),
+                      state.get("scaler", {}), state.get("skipped", 0))
 
 
 def _cached_stage(
@@ -218,8 +224,9 @@ def edit(
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
 
-    unet_settings = TrainSettings(params.unet_steps, params.lr, params.unet_rank, params.train_seed)
-    text_settings = TrainSettings(params.te_steps, params.lr, params.te_rank, params.train_seed)
+    clip = params.max_grad_norm or None
+    unet_settings = TrainSettings(params.unet_steps, params.lr, params.unet_rank, params.train_seed, max_grad_norm=clip)
+    text_settings = TrainSettings(params.te_steps, params.lr, params.te_rank, params.train_seed, max_grad_norm=clip)
     unet_key = _key(
         image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source,
         model=backend.fingerprint(), settings=dataclasses.asdict(unet_settings), dtype=params.dtype,

@@ -84,6 +84,11 @@ def _named(lora: LoRA | None, what: str) -> LoRA | None:
     return lora
 
 
+def _loss_map(result: stages.StageResult) -> dict:
+    """ComfyUI's LOSS_MAP (Plot Loss Graph reads "loss"), with the float16 steps skipped."""
+    return {"loss": result.losses, "skipped_steps": result.skipped_steps}
+
+
 def _progress(total: int, preview=None):
     bar = comfy.utils.ProgressBar(total)
 
@@ -116,9 +121,9 @@ class AbductUNetLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, source_prompt, steps, learning_rate, rank, seed, training_dtype,
-                gradient_checkpointing, preview_every, init_lora=None) -> io.NodeOutput:
+                gradient_checkpointing, preview_every, max_grad_norm=0.0, init_lora=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip, vae, training_dtype, gradient_checkpointing)
-        settings = stages.TrainSettings(steps, learning_rate, rank, seed)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm or None)
 
         def run():
             pixels = _one_image(image)
@@ -133,7 +138,7 @@ class AbductUNetLoRA(io.ComfyNode):
         lora = result.lora
         lora.metadata.update({"dac.width": str(pixels.shape[-1]), "dac.height": str(pixels.shape[-2])})
         preview_model, _ = apply_loras(model, None, lora, None, eta=1.0, beta=0.0)
-        return io.NodeOutput(lora, preview_model, {"loss": result.losses})
+        return io.NodeOutput(lora, preview_model, _loss_map(result))
 
 
 class AbductTextLoRA(io.ComfyNode):
@@ -143,9 +148,9 @@ class AbductTextLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, target_prompt, unet_lora, eta, steps, learning_rate, rank, seed,
-                training_dtype, extra_text_lora=None) -> io.NodeOutput:
+                training_dtype, max_grad_norm=0.0, extra_text_lora=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip, vae, training_dtype)
-        settings = stages.TrainSettings(steps, learning_rate, rank, seed)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm or None)
 
         def run():
             latents = backend.encode_image(_one_image(image))
@@ -155,7 +160,7 @@ class AbductTextLoRA(io.ComfyNode):
 
         result = _train(backend, run)
         result.lora.metadata.update({k: v for k, v in unet_lora.metadata.items() if k in ("dac.width", "dac.height")})
-        return io.NodeOutput(result.lora, {"loss": result.losses})
+        return io.NodeOutput(result.lora, _loss_map(result))
 
 
 class CounterfactualSample(io.ComfyNode):

@@ -65,9 +65,14 @@ _ETA = In("eta", "FLOAT", "Annealing: the UNet LoRA's strength at pure noise, ri
           "makes the edit easier but less faithful (paper: 0.4-0.8).", 0.8, 0.01, 1.0, 0.01)
 # No control_after_generate: a seed that changed after every queue would retrain every time.
 _SEED_TRAIN = In("seed", "INT", "Seed of the training noise, timesteps and LoRA init.", 42, 0, 2**63 - 1)
-_LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant, grad-norm clip 1).", 1e-4, 1e-7, 1.0, 1e-5)
-_DTYPE = In("training_dtype", "COMBO", "Compute dtype while training; LoRA weights stay float32. bf16/fp16 save "
-            "memory and time on a GPU.", "fp32", options=("fp32", "bf16", "fp16"))
+_LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant).", 1e-4, 1e-7, 1.0, 1e-5)
+_CLIP_NORM = In("max_grad_norm", "FLOAT", "Clip the gradient norm to this value; 0 = no clipping (the default, as "
+                "the reference code really trains: its scripts ask for 1 but never clip).", 0.0, 0.0, 1000.0, 0.1)
+_DTYPE = In("training_dtype", "COMBO", "What the model computes in while training, whatever dtype the checkpoint "
+            "is stored in (ComfyUI stores SD checkpoints in fp16 on most GPUs). fp32: exact, most memory. bf16: "
+            "about half the activation memory, needs a GPU with bf16 (RTX 30xx / A100 or newer). fp16: as bf16 on "
+            "any CUDA GPU, with loss scaling; steps whose gradients overflow are skipped and counted. LoRA weights "
+            "and the optimizer stay float32 in every case.", "fp32", options=("fp32", "bf16", "fp16"))
 _CHECKPOINTING = In("gradient_checkpointing", "BOOLEAN", "Recompute activations in the backward pass: less memory, "
                     "more time per step.", False)
 _PREVIEW = In("preview_every", "INT", "Show a reconstruction preview every N steps (0: never).", 100, 0, 100000)
@@ -87,7 +92,7 @@ ABDUCT_UNET = Node(
         _LR,
         In("rank", "INT", "LoRA rank. 512 is near full rank for SD's layers (the paper's choice, about 2 GB of "
            "weights on SD 2.1); lower saves memory.", 512, 1, 1024),
-        _SEED_TRAIN, _DTYPE, _CHECKPOINTING, _PREVIEW,
+        _SEED_TRAIN, _DTYPE, _CHECKPOINTING, _PREVIEW, _CLIP_NORM,
         In("init_lora", DAC_LORA, "Optional UNet LoRA to continue training from.", optional=True),
     ),
     (
@@ -111,7 +116,7 @@ ABDUCT_TEXT = Node(
         In("steps", "INT", "Training steps (paper: 1000).", 1000, 1, 100000),
         _LR,
         In("rank", "INT", "LoRA rank of the text encoder (paper: 4).", 4, 1, 256),
-        _SEED_TRAIN, _DTYPE, _EXTRA,
+        _SEED_TRAIN, _DTYPE, _CLIP_NORM, _EXTRA,
     ),
     (Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta."), _LOSS),
 )
