@@ -5,16 +5,29 @@ native LoRA training does: `comfy.ops.cast_bias_weight` calls them on every forw
 the layer's weight, so autograd reaches them and their strength can change between steps.
 Every other weight of a model being trained through gets an identity wrapper, which gives
 autograd a normal (non-inference) copy; CLIP layers run an out-of-place forward for the
-same reason. The loss is DAC's noise-prediction MSE, with the noise prediction recovered
-from the model's x0 output: eps = (x_t - x0) / sigma, over the model's own model_sampling.
+same reason.
+
+The loss is the diffusers backend's (and the reference's): the MSE of the UNet's own
+output against its target, the noise for epsilon models and the velocity for
+v-prediction models. ComfyUI's model call returns x0, so the output is recovered from it
+over the model's own model_sampling (in float32):
+
+    epsilon:  eps = (x_t - x0) / sigma
+    v:        v   = (x_t / (sigma^2 + 1) - x0) * sqrt(sigma^2 + 1) / sigma,
+              target (noise - sigma * x) / sqrt(sigma^2 + 1)
+
+Training dtype: while training, the UNet computes in the chosen dtype whatever dtype the
+checkpoint is stored in (ModelPatcher.set_model_compute_dtype, as ComfyUI's own LoRA
+training), under autocast for bf16/fp16; the text encoder computes in float32 as ComfyUI
+runs it, or under autocast in bf16/fp16. LoRA weights stay float32; fp16 gets loss
+scaling in dac_core.stages.
 
 The input MODEL and CLIP are cloned first; nothing is attached to them.
 """
 
 from __future__ import annotations
 
-import types
-import uuid
+import re
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +35,11 @@ import torch.nn.functional as F
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
-import comfy.samplers
-import comfy.utils
 from comfy.lora import model_lora_keys_clip, model_lora_keys_unet
 from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from ..dac_core.errors import DACError
 from ..dac_core.lora import LoRA, LoRALayer, fitting_part, is_text_target, is_unet_target
+from . import comfy_internals as internals
 
 TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,12 +82,6 @@ def _identity(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
-    """comfy.clip_model.CLIPLayer.forward without the in-place `x +=` (breaks backward)."""
-    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
-    return x + self.mlp(self.layer_norm2(x))
-
-
 def _checkpointed(forward):
     """Recompute the block in the backward pass instead of keeping its activations."""
 
@@ -112,6 +118,31 @@ def _existing(model: torch.nn.Module, key_map: dict, is_target) -> dict[str, str
     return {stem: key for stem, key in key_map.items() if isinstance(key, str) and is_target(stem) and key in weights}
 
 
+_TEXT_LAYER = re.compile(r"^(?:[^.]*\.)?(clip_\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
+
+
+def _affecting_output(keys: dict[str, str], clip) -> dict[str, str]:
+    """The text-encoder layers whose output reaches the UNet (not SD 2.x's unused layer 23):
+    only those are trained and saved, so the file fits diffusers' 23-layer SD 2.x encoder."""
+    used = internals.text_layers_used(clip)
+    out = {}
+    for stem, key in keys.items():
+        m = _TEXT_LAYER.match(key)
+        if m is None or int(m.group(2)) < used.get(m.group(1), 1 << 30):
+            out[stem] = key
+    return out
+
+
+def _model_output_and_target(kind: str, sigma, x_t, x0, noise, latents):
+    """The UNet's own output (recovered from ComfyUI's x0) and its training target."""
+    s = sigma.view(-1, 1, 1, 1).float()
+    x_t, x0, noise, latents = x_t.float(), x0.float(), noise.float(), latents.float()
+    if kind == "v_prediction":
+        norm = (s**2 + 1).sqrt()
+        return (x_t / (s**2 + 1) - x0) * norm / s, (noise - s * latents) / norm
+    return (x_t - x0) / s, noise
+
+
 class ComfyBackend(DACBackend):
     def __init__(self, model, clip, vae=None, training_dtype: str = "fp32", gradient_checkpointing: bool = False,
                  sampler_name: str = "ddim", scheduler: str = "ddim_uniform"):
@@ -120,12 +151,17 @@ class ComfyBackend(DACBackend):
         self.vae = vae
         self.device = comfy.model_management.get_torch_device()
         self.model_sampling = self.model.get_model_object("model_sampling")
+        self.prediction_type = internals.prediction_type(self.model_sampling)
+        if self.prediction_type is None:
+            raise DACError(f"this model's sampling ({type(self.model_sampling).__name__}) is not supported: DAC works "
+                           "on Stable Diffusion 1.x and 2.x checkpoints (epsilon or v-prediction)")
         self.num_train_timesteps = len(self.model_sampling.sigmas)
         self.latent_format = self.model.model.latent_format
         self.latent_channels = self.latent_format.latent_channels
         self.latent_factor = 8
         self.native_side = 512
-        self.prediction_type = type(self.model_sampling).__name__
+        if training_dtype not in TRAINING_DTYPES:
+            raise DACError(f"training_dtype {training_dtype!r} is not one of {', '.join(TRAINING_DTYPES)}")
         self.training_dtype = TRAINING_DTYPES[training_dtype]
         self.gradient_checkpointing = gradient_checkpointing
         self.sampler_name, self.scheduler = sampler_name, scheduler
@@ -133,12 +169,13 @@ class ComfyBackend(DACBackend):
         self.negative_extras: dict = {}
         self.strengths = {UNET: Strength(), TEXT_DELTA: Strength(), TEXT_EXTRA: Strength()}
         self.wrappers: dict[str, dict[str, LoRAWrapper]] = {}
-        self._identity_keys: dict[int, list[str]] = {}
+        self._prepared: set[int] = set()  # ids of the patchers made trainable-through
         self._unet_keys = _existing(self.model.model, model_lora_keys_unet(self.model.model, {}), is_unet_target)
         self._clip_keys = {}
         if self.clip is not None:
-            self._clip_keys = _existing(self.clip.cond_stage_model,
-                                        model_lora_keys_clip(self.clip.cond_stage_model, {}), is_text_target)
+            keys = _existing(self.clip.cond_stage_model, model_lora_keys_clip(self.clip.cond_stage_model, {}),
+                             is_text_target)
+            self._clip_keys = _affecting_output(keys, self.clip)
         self._fingerprint: str | None = None
         self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
         self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews
@@ -158,16 +195,9 @@ class ComfyBackend(DACBackend):
         image = ((pixels + 1) / 2).movedim(1, -1).clamp(0, 1)
         mean = self.vae.encode(image)
         std = torch.zeros_like(mean)
-        fsm = self.vae.first_stage_model
-        if hasattr(fsm, "regularization") and hasattr(fsm, "encoder"):
-            comfy.model_management.load_models_gpu([self.vae.patcher])
-            x = self.vae.process_input(self.vae.vae_encode_crop_pixels(image).movedim(-1, 1))
-            moments = fsm.encoder(x.to(self.vae.vae_dtype).to(self.vae.device))
-            if getattr(fsm, "quant_conv", None) is not None:
-                moments = fsm.quant_conv(moments)
-            if moments.shape[1] == 2 * mean.shape[1]:
-                mean_, logvar = torch.chunk(moments.float().cpu(), 2, dim=1)
-                mean, std = mean_, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        posterior = internals.vae_posterior(self.vae, image, mean.shape[1])
+        if posterior is not None:
+            mean, std = posterior
         scale = self.latent_format.scale_factor
         return LatentDistribution(self.latent_format.process_in(mean).to(self.device),
                                   (std * scale).to(self.device))
@@ -180,10 +210,16 @@ class ComfyBackend(DACBackend):
     def _tokens(self, prompt: str):
         return self.clip.tokenize(prompt)
 
+    def _autocast(self):
+        """bf16 / fp16 compute for the matrix products (float32 elsewhere); off for fp32."""
+        return torch.autocast(self.device.type, dtype=self.training_dtype,
+                              enabled=self.training_dtype != torch.float32)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         self._load(self.clip.patcher)
-        conds = [self.clip.encode_from_tokens(self._tokens(p)) for p in prompts]
-        return torch.cat(conds).to(self.device)
+        with self._autocast():
+            conds = [self.clip.encode_from_tokens(self._tokens(p)) for p in prompts]
+        return torch.cat(conds).float().to(self.device)
 
     def truncated_part(self, prompt: str) -> str:
         return ""  # ComfyUI encodes long prompts in 77-token chunks: nothing is cut
@@ -198,7 +234,7 @@ class ComfyBackend(DACBackend):
 
     def lora_shapes(self, name):
         patcher, keys = self._patcher_keys(name)
-        return {stem: comfy.utils.get_attr(patcher.model, key).shape for stem, key in keys.items()}
+        return {stem: internals.get_weight(patcher.model, key).shape for stem, key in keys.items()}
 
     def attach_lora(self, name, lora, trainable=False):
         self.detach_lora(name)
@@ -213,6 +249,7 @@ class ComfyBackend(DACBackend):
             wrappers[keys[stem]] = w
         self.wrappers[name] = wrappers
         if trainable:
+            self.model.set_model_compute_dtype(self.training_dtype)  # whatever the checkpoint's storage dtype
             for p in (self.model, self.clip.patcher if self.clip is not None else None):
                 if p is not None:
                     self._wrap_for_grad(p)
@@ -220,21 +257,18 @@ class ComfyBackend(DACBackend):
 
     def _wrap_for_grad(self, patcher) -> None:
         """Identity wrappers on every other weight and bias; out-of-place CLIP layers."""
-        if id(patcher) in self._identity_keys:
+        if id(patcher) in self._prepared:
             return
-        added = []
+        wrapped = internals.wrapped_keys(patcher)
         for n, m in patcher.model.named_modules():
-            if not hasattr(m, "weight_function"):
+            if not internals.has_weight_function(m):
                 continue
             for attr in ("weight", "bias"):
                 key = f"{n}.{attr}"
-                if getattr(m, attr, None) is not None and key not in patcher.weight_wrapper_patches:
+                if getattr(m, attr, None) is not None and key not in wrapped:
                     patcher.add_weight_wrapper(key, _identity)
-                    added.append(key)
-        for n, m in patcher.model.named_modules():
-            if type(m).__name__ == "CLIPLayer":
-                patcher.add_object_patch(f"{n}.forward", types.MethodType(_clip_layer_forward, m))
-        self._identity_keys[id(patcher)] = added
+        internals.patch_clip_layers_out_of_place(patcher)
+        self._prepared.add(id(patcher))
 
     def detach_lora(self, name):
         wrappers = self.wrappers.pop(name, None)
@@ -242,12 +276,7 @@ class ComfyBackend(DACBackend):
             return
         patcher, _ = self._patcher_keys(name)
         for key, w in wrappers.items():
-            remaining = [f for f in patcher.weight_wrapper_patches.get(key, []) if f is not w]
-            if remaining:
-                patcher.weight_wrapper_patches[key] = remaining
-            else:
-                patcher.weight_wrapper_patches.pop(key, None)
-        patcher.patches_uuid = uuid.uuid4()
+            internals.remove_weight_wrapper(patcher, key, w)
 
     def export_lora(self, name) -> LoRA:
         patcher, keys = self._patcher_keys(name)
@@ -276,15 +305,12 @@ class ComfyBackend(DACBackend):
         for g in groups:
             if per_sample is not None:
                 self.strengths[UNET].value = float(per_sample[g][0])
-            s = sigma[g].view(-1, 1, 1, 1)
             x_t = ms.noise_scaling(sigma[g], noise[g], latents[g])
-            with torch.autocast(self.device.type, dtype=self.training_dtype,
-                                enabled=self.training_dtype != torch.float32):
-                x0 = self.model.model.apply_model(x_t, sigma[g], c_crossattn=cond[g],
-                                                  transformer_options=self.model.model_options["transformer_options"])
-            eps = (x_t.float() - x0.float()) / s
+            with self._autocast():
+                x0 = internals.apply_model(self.model, x_t, sigma[g], cond[g])
+            pred, target = _model_output_and_target(self.prediction_type, sigma[g], x_t, x0, noise[g], latents[g])
             self._last_cond = cond.detach()
-            losses.append(F.mse_loss(eps, noise[g].float(), reduction="none").mean(dim=(1, 2, 3)))
+            losses.append(F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)))
         return torch.cat(losses)
 
     def sample(self, cond, uncond, noise, steps, cfg, unet_scale, progress=None):
@@ -317,8 +343,7 @@ class ComfyBackend(DACBackend):
         noise = torch.randn(latents.mean.shape, generator=g).to(latents.mean)
         sigma = self.model_sampling.sigma(torch.tensor([500.0])).to(latents.mean)
         x_t = self.model_sampling.noise_scaling(sigma, noise, latents.mean)
-        x0 = self.model.model.apply_model(x_t, sigma, c_crossattn=self._last_cond[:1],
-                                          transformer_options=self.model.model_options["transformer_options"])
+        x0 = internals.apply_model(self.model, x_t, sigma, self._last_cond[:1])
         image = (self.decode_latents(x0)[0].clamp(-1, 1) + 1) * 127.5
         return ("JPEG", Image.fromarray(image.round().byte().movedim(0, -1).cpu().numpy()), 512)
 
@@ -329,18 +354,9 @@ class ComfyBackend(DACBackend):
 
 
 def release(*patchers) -> None:
-    """Unload (and so unpatch) our clones from ComfyUI's loaded-model list, so no model with
-    DAC wrappers stays loaded after a node ends, whether it finished, failed or was cancelled."""
-    mm = comfy.model_management
-    for i in reversed(range(len(mm.current_loaded_models))):
-        loaded = mm.current_loaded_models[i]
-        if any(loaded.model is p for p in patchers if p is not None):
-            patcher = loaded.model
-            mm.current_loaded_models.pop(i).model_unload()
-            # ComfyUI clears weight wrappers at the next load only; clear them now.
-            for m in patcher.model.modules():
-                if hasattr(m, "weight_function"):
-                    m.weight_function, m.bias_function = [], []
+    """Unload (and so unpatch) our clones, so no model with DAC wrappers stays loaded after
+    a node ends, whether it finished, failed or was cancelled."""
+    internals.unload(*patchers)
 
 
 def apply_loras(model, clip, unet_lora, text_lora, eta: float, beta: float, extra_text_lora=None):

@@ -1,0 +1,135 @@
+"""Every use of a semi-private ComfyUI internal, in one place.
+
+The rest of the pack uses ComfyUI's public surface (ModelPatcher.clone / add_weight_wrapper /
+add_object_patch / add_wrapper / set_model_compute_dtype, CLIP.tokenize / encode_from_tokens,
+VAE.encode / decode, comfy.sample, comfy.utils.ProgressBar, folder_paths). What ComfyUI does
+not promise to keep (module-level lists, private attributes, patch uuids, a layer class's
+forward signature, the VAE's posterior) is reached only through the functions below, so a
+newer ComfyUI that moves them needs this one file changed.
+
+Tested with ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd84).
+"""
+
+from __future__ import annotations
+
+import types
+import uuid
+
+import torch
+
+import comfy.clip_model
+import comfy.model_management
+import comfy.model_sampling
+import comfy.utils
+
+TESTED_COMFYUI_VERSIONS = ("0.3.64",)
+
+
+# --- weight wrappers --------------------------------------------------------------------
+def has_weight_function(module: torch.nn.Module) -> bool:
+    """A comfy.ops layer: ComfyUI calls its `weight_function`s on every forward."""
+    return hasattr(module, "weight_function")
+
+
+def wrapped_keys(patcher) -> set[str]:
+    """The weight keys that already carry a weight wrapper on this patcher."""
+    return set(patcher.weight_wrapper_patches)
+
+
+def remove_weight_wrapper(patcher, key: str, function) -> None:
+    """Take one wrapper off `key` (ModelPatcher has add_weight_wrapper but no remove)."""
+    remaining = [f for f in patcher.weight_wrapper_patches.get(key, []) if f is not function]
+    if remaining:
+        patcher.weight_wrapper_patches[key] = remaining
+    else:
+        patcher.weight_wrapper_patches.pop(key, None)
+    patcher.patches_uuid = uuid.uuid4()  # makes the next load re-apply the wrappers
+
+
+def unload(*patchers) -> None:
+    """Unload (and so unpatch) these patchers from ComfyUI's loaded-model list and clear the
+    weight wrappers they installed (ComfyUI clears them only at the next load)."""
+    mm = comfy.model_management
+    for i in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[i]
+        if any(loaded.model is p for p in patchers if p is not None):
+            patcher = loaded.model
+            mm.current_loaded_models.pop(i).model_unload()
+            for m in patcher.model.modules():
+                if has_weight_function(m):
+                    m.weight_function, m.bias_function = [], []
+
+
+def get_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
+    return comfy.utils.get_attr(model, key)
+
+
+# --- text encoder -------------------------------------------------------------------------
+def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """comfy.clip_model.CLIPLayer.forward without the in-place `x +=` (breaks backward)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def patch_clip_layers_out_of_place(patcher) -> None:
+    """Object patches so a CLIP text encoder can be back-propagated through."""
+    for n, m in patcher.model.named_modules():
+        if isinstance(m, comfy.clip_model.CLIPLayer):
+            patcher.add_object_patch(f"{n}.forward", types.MethodType(_clip_layer_forward, m))
+
+
+def text_layers_used(clip) -> dict[str, int]:
+    """For each text encoder inside `clip` ("clip_l", "clip_h", ...): how many of its
+    transformer layers reach the output the UNet reads. SD 2.x builds OpenCLIP-H with 24
+    layers and reads the penultimate one, so its layer 23 never matters; CLIP Set Last
+    Layer (clip skip) cuts SD 1.x likewise. (SD 1.x / 2.x UNets take no pooled output.)"""
+    used = {}
+    csm = clip.cond_stage_model
+    for name, sub in csm.named_children():
+        if not hasattr(sub, "num_layers") or not hasattr(sub, "layer"):
+            continue
+        n = sub.num_layers
+        idx = clip.layer_idx if clip.layer_idx is not None else (sub.layer_idx if sub.layer == "hidden" else None)
+        if idx is not None and abs(idx) <= n:
+            n = (idx % n) + 1
+        used[name] = n
+    return used
+
+
+# --- diffusion model ------------------------------------------------------------------------
+def prediction_type(model_sampling) -> str | None:
+    """"epsilon" or "v_prediction" for the discrete-time SD 1.x / 2.x samplings, else None."""
+    ms = comfy.model_sampling
+    if not isinstance(model_sampling, ms.ModelSamplingDiscrete) or isinstance(model_sampling, ms.StableCascadeSampling):
+        return None
+    if isinstance(model_sampling, ms.EDM) or not isinstance(model_sampling, ms.EPS):
+        return None
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(model_sampling, ms.X0):
+        return None
+    return "epsilon"
+
+
+def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The denoised x0 for noised latents `x_t` at `sigma`, with the patcher's wrappers and
+    transformer options (what a sampler's model call does, without the guider)."""
+    return patcher.model.apply_model(x_t, sigma, c_crossattn=cond,
+                                     transformer_options=patcher.model_options["transformer_options"])
+
+
+def vae_posterior(vae, image: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) of the VAE's posterior for `image` [1, H, W, 3] in 0..1, unscaled, or None
+    when the VAE has no Gaussian posterior of `channels` latent channels (e.g. TAESD)."""
+    fsm = vae.first_stage_model
+    if not (hasattr(fsm, "regularization") and hasattr(fsm, "encoder")):
+        return None
+    comfy.model_management.load_models_gpu([vae.patcher])
+    x = vae.process_input(vae.vae_encode_crop_pixels(image).movedim(-1, 1))
+    moments = fsm.encoder(x.to(vae.vae_dtype).to(vae.device))
+    if getattr(fsm, "quant_conv", None) is not None:
+        moments = fsm.quant_conv(moments)
+    if moments.shape[1] != 2 * channels:
+        return None
+    mean, logvar = torch.chunk(moments.float().cpu(), 2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
