@@ -180,11 +180,17 @@ def test_basic_edit_workflow_and_cache(server):
     assert ids["DACAbductTextLoRA"] not in cached and ids["DACCounterfactualSample"] not in cached
 
 
-@pytest.mark.parametrize("name", ["dac_edit_then_upscale.json", "dac_controlnet_edit.json"])
-def test_workflow_runs(server, name):
+@pytest.mark.parametrize("name, size", [("dac_edit_then_upscale.json", (96, 72)),  # 1.5 x the photo
+                                        ("dac_controlnet_edit.json", (64, 48))])  # the photo's width x height
+def test_workflow_runs(server, name, size):
+    from PIL import Image
+
     entry = server.run(fast(load_api(name)))
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert images_of(entry)
+    saved = [img for img in images_of(entry) if img["type"] == "output"]
+    assert len(saved) == 1
+    with Image.open(os.path.join(server.base, "output", saved[0]["subfolder"], saved[0]["filename"])) as img:
+        assert img.size == size
 
 
 def test_save_and_share_workflow(server):

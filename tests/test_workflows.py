@@ -100,6 +100,15 @@ def test_workflow_contents():
     cn = types("dac_controlnet_edit.json")
     for t in ("DACApplyLoRAs", "ControlNetLoader", "Canny", "ControlNetApplyAdvanced", "KSampler"):
         assert t in cn
+    # ... and its KSampler starts from an empty latent with the photo's width and height
+    api = _api("dac_controlnet_edit.json")
+    ks = next(n["inputs"] for n in api.values() if n["class_type"] == "KSampler")
+    empty = api[ks["latent_image"][0]]
+    assert empty["class_type"] == "EmptyLatentImage" and ks["latent_image"][1] == 0
+    size_id = empty["inputs"]["width"][0]
+    assert empty["inputs"]["width"] == [size_id, 0] and empty["inputs"]["height"] == [size_id, 1]
+    assert api[size_id]["class_type"] == "GetImageSize"
+    assert api[api[size_id]["inputs"]["image"][0]]["class_type"] == "LoadImage"
     up = _load(os.path.join(wt.WORKFLOWS_DIR, "dac_edit_then_upscale.json"))
     ks = [n for n in up["nodes"] if n["type"] == "KSampler"]
     assert len(ks) == 1 and ks[0]["widgets_values"][-1] == 0.5
@@ -109,6 +118,77 @@ def test_workflow_contents():
     assert len(lora) == 1 and lora[0]["widgets_values"][1:] == [1.0, -1.0]
     for t in ("DACSaveLoRA", "DACLoadLoRA", "DACCounterfactualSample", "Note"):
         assert t in [n["type"] for n in share["nodes"]]
+
+
+def _api(name):
+    return wt.ui_to_api(_load(os.path.join(wt.WORKFLOWS_DIR, name)), wt.widget_names())
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_no_full_denoise_sampler_starts_from_the_encoded_photo(path):
+    """DAC samples from pure noise; a KSampler at denoise 1 on the VAE-encoded photo starts from the
+    photo instead (SD's largest sigma is finite), so every such sampler gets an empty latent."""
+    assert wt.photo_latent_problems(wt.ui_to_api(_load(path), wt.widget_names())) == []
+    assert wt.photo_latent_problems(_load(wt.api_path(path))) == []
+
+
+def _ids_by_type(prompt):
+    return {node["class_type"]: nid for nid, node in prompt.items()}
+
+
+def _encode_photo_into(prompt, target_id, input_name="latent_image"):
+    """Adds VAE Encode (the photo, the checkpoint's VAE) and feeds it to target_id's input."""
+    ids = _ids_by_type(prompt)
+    prompt["99"] = {"class_type": "VAEEncode",
+                    "inputs": {"pixels": [ids["LoadImage"], 0], "vae": [ids["CheckpointLoaderSimple"], 2]}}
+    prompt[target_id]["inputs"][input_name] = ["99", 0]
+    return prompt
+
+
+def test_photo_check_reports_the_encoded_photo_at_full_denoise():
+    prompt = _api("dac_controlnet_edit.json")
+    ks = _ids_by_type(prompt)["KSampler"]
+    bad = _encode_photo_into(copy.deepcopy(prompt), ks)
+    problems = wt.photo_latent_problems(bad)
+    assert len(problems) == 1 and f"node {ks} (KSampler)" in problems[0] and "node 99 (VAEEncode)" in problems[0]
+    bad[ks]["inputs"]["denoise"] = 0.6  # img2img on purpose: allowed
+    assert wt.photo_latent_problems(bad) == []
+    # through a latent upscale, and with the denoise linked from elsewhere (unknown: counts as 1)
+    bad[ks]["inputs"]["denoise"] = ["98", 0]
+    bad["97"] = {"class_type": "LatentUpscaleBy",
+                 "inputs": {"samples": ["99", 0], "upscale_method": "nearest-exact", "scale_by": 1.5}}
+    bad[ks]["inputs"]["latent_image"] = ["97", 0]
+    assert len(wt.photo_latent_problems(bad)) == 1
+
+
+def test_photo_check_knows_ksampler_advanced():
+    prompt = _api("dac_controlnet_edit.json")
+    ks = _ids_by_type(prompt)["KSampler"]
+    bad = _encode_photo_into(copy.deepcopy(prompt), ks)
+    inputs = bad[ks]["inputs"]
+    bad[ks] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": inputs["model"], "add_noise": "enable", "noise_seed": 29, "steps": 30, "cfg": 4.0,
+        "sampler_name": "ddim", "scheduler": "ddim_uniform", "positive": inputs["positive"],
+        "negative": inputs["negative"], "latent_image": inputs["latent_image"], "start_at_step": 0,
+        "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    assert len(wt.photo_latent_problems(bad)) == 1
+    bad[ks]["inputs"]["start_at_step"] = 12  # starts part-way down the schedule: img2img
+    assert wt.photo_latent_problems(bad) == []
+    bad[ks]["inputs"].update(start_at_step=0, add_noise="disable")
+    assert wt.photo_latent_problems(bad) == []
+
+
+def test_photo_check_lets_the_dac_result_through():
+    """Upscale workflow: a second KSampler on the DAC result is fine at any denoise, and Counterfactual
+    Sample's latent input sets only the size (it samples from pure noise)."""
+    prompt = _api("dac_edit_then_upscale.json")
+    ids = _ids_by_type(prompt)
+    prompt[ids["KSampler"]]["inputs"]["denoise"] = 1.0
+    assert wt.photo_latent_problems(prompt) == []
+    _encode_photo_into(prompt, ids["DACCounterfactualSample"], "latent")
+    assert wt.photo_latent_problems(prompt) == []
+    _encode_photo_into(prompt, ids["KSampler"])
+    assert len(wt.photo_latent_problems(prompt)) == 1
 
 
 def test_ui_to_api_drops_notes_and_control_values_and_keeps_links():

@@ -1,9 +1,12 @@
 """Check and convert the example workflows without ComfyUI.
 
 - `CORE_NODES`: the ComfyUI core nodes the example workflows use, read off ComfyUI 0.3.64
-  (nodes.py, comfy_extras/nodes_canny.py, comfy_extras/nodes_train.py) plus the frontend's Note.
+  (nodes.py, comfy_extras/nodes_canny.py, comfy_extras/nodes_images.py, comfy_extras/nodes_train.py)
+  plus the frontend's Note.
 - `validate_workflow(ui)`: a list of problems of a UI-format workflow (empty when it is fine):
   unknown node types, links whose types disagree, unlinked required inputs, wrong widget counts.
+- `photo_latent_problems(prompt)`: the samplers of an API-format prompt that denoise fully (KSampler at
+  denoise 1, KSamplerAdvanced from step 0 with noise added) a latent carrying a VAE-encoded photo.
 - `ui_to_api(ui, widget_names)`: the API-format prompt (what POST /prompt takes) of a UI-format
   workflow. `widget_names()` gives the table it needs for our nodes and the core ones.
 
@@ -105,6 +108,10 @@ CORE_NODES: dict[str, dict] = {
     "LatentUpscaleBy": {
         "inputs": [("samples", "LATENT", False), ("upscale_method", "COMBO", True), ("scale_by", "FLOAT", True)],
         "outputs": ["LATENT"],
+    },
+    "GetImageSize": {  # comfy_extras/nodes_images.py; its hidden unique_id is no UI input
+        "inputs": [("image", "IMAGE", False)],
+        "outputs": ["INT", "INT", "INT"],  # width, height, batch_size
     },
     "EmptyLatentImage": {
         "inputs": [("width", "INT", True), ("height", "INT", True), ("batch_size", "INT", True)],
@@ -440,6 +447,55 @@ def layout_problems(ui: dict) -> list[str]:
     for lid, src, _, dst, _, _ in ui["links"]:
         if src in boxes and dst in boxes and boxes[src][2] > boxes[dst][0]:
             problems.append(f"link {lid}: node {src} does not end left of node {dst}")
+    return problems
+
+
+# The photo must not reach a full-denoise sampler: SD's schedules end at sigma ~14.6, not infinity, so
+# the start x = latent + sigma * noise keeps a trace of the latent, and the edit starts from the photo,
+# while DAC samples from pure noise. Empty latents (zeros) are what txt2img starts from.
+PHOTO_ENCODERS = ("VAEEncode",)  # every node type that starts with one: VAEEncode, VAEEncodeTiled, ...
+FRESH_SAMPLERS = frozenset({"DACCounterfactualSample"})  # start from pure noise; a latent input sets only the size
+
+
+def _full_denoise(node: dict) -> bool:
+    """Whether a sampler of an API prompt replaces its whole input latent by noise-then-sampling."""
+    inputs = node["inputs"]
+    if node["class_type"] == "KSampler":
+        denoise = inputs.get("denoise", 1.0)
+        return not isinstance(denoise, (int, float)) or denoise >= 1.0  # a linked value: assume the worst
+    if node["class_type"] == "KSamplerAdvanced":
+        return inputs.get("add_noise", "enable") != "disable" and inputs.get("start_at_step", 0) == 0
+    return False
+
+
+def photo_latent_problems(prompt: dict, defs: dict[str, NodeDef] | None = None) -> list[str]:
+    """Samplers of an API-format prompt that fully denoise a latent holding an encoded photo: walks the
+    LATENT inputs upstream of each full-denoise KSampler / KSamplerAdvanced (through latent upscales,
+    batches, other samplers) and reports every VAEEncode* it reaches. DACCounterfactualSample stops the
+    walk (it samples from pure noise). Inputs of node types without a definition all count as latents."""
+    defs = node_defs() if defs is None else defs
+    problems = []
+    for sid, sampler in sorted(prompt.items()):
+        if not _full_denoise(sampler):
+            continue
+        seen, stack = set(), [sampler["inputs"].get("latent_image")]
+        while stack:
+            link = stack.pop()
+            if not isinstance(link, list) or link[0] in seen or link[0] not in prompt:
+                continue
+            seen.add(link[0])
+            node = prompt[link[0]]
+            type_ = node["class_type"]
+            if type_.startswith(PHOTO_ENCODERS):
+                problems.append(f"node {sid} ({sampler['class_type']}) fully denoises the output of node "
+                                f"{link[0]} ({type_}): start from an empty latent of the photo's size")
+                continue
+            if type_ in FRESH_SAMPLERS:
+                continue
+            d = defs.get(type_)
+            latent_inputs = None if d is None else {i.name for i in d.inputs if i.type == "LATENT"}
+            stack.extend(v for k, v in node["inputs"].items()
+                         if isinstance(v, list) and (latent_inputs is None or k in latent_inputs))
     return problems
 
 
