@@ -296,7 +296,7 @@ class DiffusersBackend(DACBackend):
         for i, t in enumerate(sched.timesteps):
             x = torch.cat([latents] * 2) if guided else latents
             x = sched.scale_model_input(x, t)
-            frac = torch.full((latents.shape[0],), float(t) / last)
+            frac = torch.full((latents.shape[0],), float(t) / last, dtype=torch.float64)
             scale = unet_scale(frac)
             self.set_lora_scale(UNET, torch.cat([scale] * 2) if guided else scale)
             pred = self.unet(x.to(self.dtype), t, emb.to(self.dtype)).sample.float()
