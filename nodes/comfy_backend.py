@@ -171,11 +171,14 @@ class ComfyBackend(DACBackend):
         self.wrappers: dict[str, dict[str, LoRAWrapper]] = {}
         self._prepared: set[int] = set()  # ids of the patchers made trainable-through
         self._unet_keys = _existing(self.model.model, model_lora_keys_unet(self.model.model, {}), is_unet_target)
-        self._clip_keys = {}
+        # Text-encoder layers a LoRA may patch, and the subset a new LoRA trains (those that
+        # reach the output); a file holding the others too (made before) still attaches.
+        self._clip_keys: dict[str, str] = {}
+        self._clip_trained_keys: dict[str, str] = {}
         if self.clip is not None:
-            keys = _existing(self.clip.cond_stage_model, model_lora_keys_clip(self.clip.cond_stage_model, {}),
-                             is_text_target)
-            self._clip_keys = _affecting_output(keys, self.clip)
+            self._clip_keys = _existing(self.clip.cond_stage_model,
+                                        model_lora_keys_clip(self.clip.cond_stage_model, {}), is_text_target)
+            self._clip_trained_keys = _affecting_output(self._clip_keys, self.clip)
         self._fingerprint: str | None = None
         self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
         self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews
@@ -232,14 +235,19 @@ class ComfyBackend(DACBackend):
             raise DACError("a CLIP input is needed for the text-encoder LoRA")
         return self.clip.patcher, self._clip_keys
 
-    def lora_shapes(self, name):
-        patcher, keys = self._patcher_keys(name)
+    def _shapes(self, patcher, keys: dict[str, str]) -> dict[str, torch.Size]:
         return {stem: internals.get_weight(patcher.model, key).shape for stem, key in keys.items()}
+
+    def lora_shapes(self, name):
+        """The layers a new LoRA `name` trains: for the text encoder only those whose output
+        reaches the UNet, so the file fits every other tool's encoder (diffusers' SD 2.x)."""
+        patcher, keys = self._patcher_keys(name)
+        return self._shapes(patcher, keys if name == UNET else self._clip_trained_keys)
 
     def attach_lora(self, name, lora, trainable=False):
         self.detach_lora(name)
         patcher, keys = self._patcher_keys(name)
-        layers = fitting_part(lora, name == UNET, self.lora_shapes(name)).layers
+        layers = fitting_part(lora, name == UNET, self._shapes(patcher, keys)).layers
         self.strengths[name].value = 1.0
         wrappers = {}
         for stem, layer in layers.items():

@@ -34,8 +34,10 @@ def unet_config(flavour: str) -> dict:
     }
 
 
-def tiny_model(flavour: str = "sd1"):
-    """A ModelPatcher of a tiny SD1.x (epsilon) or SD2.x (v-prediction) model."""
+def tiny_model(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
+    """A ModelPatcher of a tiny SD1.x (epsilon) or SD2.x (v-prediction) model whose weights
+    are stored in `dtype`. ComfyUI computes in the storage dtype unless it decides to cast
+    (comfy.model_management.unet_manual_cast, asked here as a checkpoint loader would)."""
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
@@ -43,9 +45,12 @@ def tiny_model(flavour: str = "sd1"):
 
     from dac_core.tiny import tiny_pipeline
 
-    config = unet_config(flavour)
+    import comfy.model_management
+
+    config = {**unet_config(flavour), "dtype": dtype}
     cls = comfy.supported_models.SD15 if flavour == "sd1" else comfy.supported_models.SD20
     supported = cls(dict(config))
+    supported.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, torch.device("cpu")))
     # SD20 forces 64 channels per head; the tiny model keeps diffusers' head count instead.
     supported.unet_config.update(num_heads=config["num_heads"], num_head_channels=-1)
     model_type = model_base.ModelType.EPS if flavour == "sd1" else model_base.ModelType.V_PREDICTION
@@ -58,48 +63,64 @@ def tiny_model(flavour: str = "sd1"):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def hf_text_encoder():
-    """The transformers CLIPTextModel behind tiny_clip(): CLIP-L's vocabulary, tiny layers."""
+def hf_text_encoder(flavour: str = "sd1"):
+    """The transformers CLIPTextModel behind tiny_clip(flavour): CLIP-L's vocabulary, tiny
+    layers. SD 2.x-style ("sd2"): OpenCLIP's gelu and one layer more, which ComfyUI builds
+    and never reads (it takes the penultimate layer; diffusers' SD 2.x encoder lacks it)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dac_core.tiny import TEXT_CONFIG
 
-    small = {**TEXT_CONFIG, "vocab_size": 49408, "hidden_act": "quick_gelu"}
+    sd2 = flavour == "sd2"
+    small = {**TEXT_CONFIG, "vocab_size": 49408, "hidden_act": "gelu" if sd2 else "quick_gelu",
+             "num_hidden_layers": TEXT_CONFIG["num_hidden_layers"] + sd2}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), small
 
 
 def parity_pipeline(comfyui: str, flavour: str = "sd1"):
-    """dac_core.tiny's diffusers pipeline with tiny_clip()'s text encoder and ComfyUI's
-    CLIP tokenizer, so both backends see the same weights and tokens."""
-    from transformers import CLIPTokenizer
+    """dac_core.tiny's diffusers pipeline with tiny_clip(flavour)'s text encoder and ComfyUI's
+    CLIP tokenizer, so both backends see the same weights and tokens. For "sd2" the encoder
+    is cut to the layers diffusers' SD 2.x has (all but the last) and pads with "!" (id 0)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from dac_core.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(flavour)
-    pipe.text_encoder, _ = hf_text_encoder()
+    hf, small = hf_text_encoder(flavour)
     pipe.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(comfyui, "comfy", "sd1_tokenizer"))
     pipe.tokenizer.model_max_length = 77
+    if flavour == "sd2":
+        cut = CLIPTextModel(CLIPTextConfig(**{**small, "num_hidden_layers": small["num_hidden_layers"] - 1},
+                                           bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+        missing, _ = cut.load_state_dict(hf.state_dict(), strict=False)
+        assert not missing, missing
+        hf = cut
+        pipe.tokenizer.pad_token = "!"
+    pipe.text_encoder = hf
     return pipe
 
 
-def tiny_clip():
-    """A comfy CLIP with a 2-layer, 32-wide CLIP-L-shaped text encoder and the real tokenizer."""
+def tiny_clip(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
+    """A comfy CLIP with a tiny CLIP-L-shaped text encoder (SD 1.x) or OpenCLIP-H-shaped one
+    read at the penultimate layer (SD 2.x), the real tokenizer, weights stored in `dtype`."""
     import comfy.sd
     import comfy.sd1_clip
     from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import sd2_clip
 
-    hf, small = hf_text_encoder()
-    clip = comfy.sd.CLIP(
-        ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
-        model_options={"clip_l_model_config": small, "dtype": torch.float32},
-    )
+    hf, small = hf_text_encoder(flavour)
+    if flavour == "sd2":
+        target, name = ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel), "clip_h"
+    else:
+        target, name = ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel), "clip_l"
+    clip = comfy.sd.CLIP(target, model_options={f"{name}_model_config": small, "dtype": dtype})
     sd = {}
     for k, v in hf.state_dict().items():
         sd[k if k.startswith("text_model.") else "text_model." + k] = v
     sd.setdefault("text_projection.weight", torch.eye(small["hidden_size"]))
-    clip.cond_stage_model.clip_l.transformer.load_state_dict(sd, strict=False)
+    getattr(clip.cond_stage_model, name).transformer.load_state_dict(sd, strict=False)
     return clip
 
 
