@@ -35,7 +35,6 @@ import torch.nn.functional as F
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
-from comfy.lora import model_lora_keys_clip, model_lora_keys_unet
 from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from ..dac_core.errors import DACError
 from ..dac_core.lora import LoRA, LoRALayer, fitting_part, is_text_target, is_unet_target
@@ -80,17 +79,6 @@ def _identity(weight: torch.Tensor) -> torch.Tensor:
     """A wrapper that changes nothing: ComfyUI then hands the layer a copy of its weight,
     which autograd can save (base weights loaded under inference mode cannot be)."""
     return weight
-
-
-def _checkpointed(forward):
-    """Recompute the block in the backward pass instead of keeping its activations."""
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
 
 
 def lora_strength_wrapper(strength: Strength, model_sampling, schedule):
@@ -170,25 +158,20 @@ class ComfyBackend(DACBackend):
         self.strengths = {UNET: Strength(), TEXT_DELTA: Strength(), TEXT_EXTRA: Strength()}
         self.wrappers: dict[str, dict[str, LoRAWrapper]] = {}
         self._prepared: set[int] = set()  # ids of the patchers made trainable-through
-        self._unet_keys = _existing(self.model.model, model_lora_keys_unet(self.model.model, {}), is_unet_target)
+        self._unet_keys = _existing(self.model.model, internals.unet_lora_keys(self.model), is_unet_target)
         # Text-encoder layers a LoRA may patch, and the subset a new LoRA trains (those that
         # reach the output); a file holding the others too (made before) still attaches.
         self._clip_keys: dict[str, str] = {}
         self._clip_trained_keys: dict[str, str] = {}
         if self.clip is not None:
             self._clip_keys = _existing(self.clip.cond_stage_model,
-                                        model_lora_keys_clip(self.clip.cond_stage_model, {}), is_text_target)
+                                        internals.text_lora_keys(self.clip), is_text_target)
             self._clip_trained_keys = _affecting_output(self._clip_keys, self.clip)
         self._fingerprint: str | None = None
         self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
         self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews
-        if gradient_checkpointing:  # object patches: applied on load, undone on unload
-            unet = self.model.model.diffusion_model
-            for group in ("input_blocks", "middle_block", "output_blocks"):
-                blocks = getattr(unet, group)
-                named = [(f"{group}.{i}", b) for i, b in enumerate(blocks)] if group != "middle_block" else [(group, blocks)]
-                for name, block in named:
-                    self.model.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
+        if gradient_checkpointing:
+            internals.checkpoint_unet_blocks(self.model)
 
     # --- images and prompts -------------------------------------------------------------
     @torch.no_grad()
@@ -357,7 +340,7 @@ class ComfyBackend(DACBackend):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint_weights(self.model.model.diffusion_model.state_dict().items())
+            self._fingerprint = fingerprint_weights(internals.unet_state_dict(self.model).items())
         return self._fingerprint
 
 

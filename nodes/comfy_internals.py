@@ -18,6 +18,7 @@ import uuid
 import torch
 
 import comfy.clip_model
+import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
@@ -62,6 +63,16 @@ def unload(*patchers) -> None:
 
 def get_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
     return comfy.utils.get_attr(model, key)
+
+
+def unet_lora_keys(patcher) -> dict:
+    """LoRA file key (kohya, diffusers, LDM names) -> the UNet weight key it patches."""
+    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+
+
+def text_lora_keys(clip) -> dict:
+    """LoRA file key -> the text-encoder weight key it patches."""
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
 
 # --- text encoder -------------------------------------------------------------------------
@@ -109,6 +120,32 @@ def prediction_type(model_sampling) -> str | None:
     if isinstance(model_sampling, ms.X0):
         return None
     return "epsilon"
+
+
+def unet_state_dict(patcher) -> dict[str, torch.Tensor]:
+    return patcher.model.diffusion_model.state_dict()
+
+
+def _checkpointed(forward):
+    """Recompute the block in the backward pass instead of keeping its activations."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def checkpoint_unet_blocks(patcher) -> None:
+    """Gradient checkpointing for each block of an SD UNet (input, middle, output blocks), as
+    object patches on the patcher: applied on load, undone on unload."""
+    unet = patcher.model.diffusion_model
+    for group in ("input_blocks", "middle_block", "output_blocks"):
+        blocks = getattr(unet, group)
+        named = [(f"{group}.{i}", b) for i, b in enumerate(blocks)] if group != "middle_block" else [(group, blocks)]
+        for name, block in named:
+            patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
 
 
 def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
