@@ -89,6 +89,7 @@ class DiffusersBackend(DACBackend):
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.dtype = resolve_dtype(dtype)
+        self.training_dtype = self.dtype  # the model computes in its weights' dtype; LoRAs stay float32
         self.pipe = pipe
         self.unet, self.text_encoder, self.vae, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
         for m in (self.unet, self.text_encoder, self.vae):
@@ -196,6 +197,8 @@ class DiffusersBackend(DACBackend):
                 continue
             m.set_adapter(active)  # peft marks every active adapter trainable; fixed below
             layer = part.layers[self._stem(name, module_name)]
+            m.lora_A[name].float()  # LoRA weights stay float32 whatever the model's dtype (peft
+            m.lora_B[name].float()  # casts the input to them and the sum back to the model's dtype)
             m.lora_A[name].weight.data.copy_(layer.down.to(m.lora_A[name].weight))
             m.lora_B[name].weight.data.copy_(layer.up.to(m.lora_B[name].weight))
         trainable_names = {name} if trainable else set()

@@ -251,12 +251,72 @@ def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
         assert torch.equal(resumed.lora.layers[stem].up, layer.up)
 
 
+def test_gradients_are_not_clipped_unless_asked(make_backend, latents):
+    """The reference never clips (its clip_grad_norm_ gets an exhausted iterator): neither does
+    the default; a norm limit, when given, changes the training."""
+    runs = {}
+    for label, norm in (("default", None), ("zero", 0.0), ("clipped", 1e-3)):
+        be = make_backend("sd1")
+        runs[label] = stages.abduct_unet_lora(be, be.encode_image(latents), "a", TrainSettings(
+            steps=6, lr=1e-3, rank=4, max_grad_norm=norm))
+    assert runs["default"].losses == runs["zero"].losses
+    assert runs["default"].lora.metadata["dac.max_grad_norm"] == "0"
+    assert runs["clipped"].lora.metadata["dac.max_grad_norm"] == "0.001"
+    stem = sorted(runs["default"].lora.layers)[0]
+    assert torch.equal(runs["default"].lora.layers[stem].up, runs["zero"].lora.layers[stem].up)
+    assert not torch.equal(runs["default"].lora.layers[stem].up, runs["clipped"].lora.layers[stem].up)
+
+
+class HugeLossScale(torch.amp.GradScaler):
+    """A first loss scale so large that the float16 backward overflows until it backs off."""
+
+    def __init__(self, device="cuda", **kwargs):
+        super().__init__(device, init_scale=2.0**40, **kwargs)
+
+
+def test_float16_training_skips_overflowing_steps_and_resumes_exactly(latents, monkeypatch):
+    """float16 compute: float32 LoRA weights, loss scaling; steps with inf/nan gradients are
+    skipped and counted; an interrupted run resumes with the scaler's state, to the bit."""
+    from dac_core.diffusers_backend import DiffusersBackend
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HugeLossScale)
+    settings = TrainSettings(steps=30, lr=2e-3, rank=4)
+
+    def backend():
+        return DiffusersBackend(tiny_pipeline("sd1"), device="cpu", dtype="float16")
+
+    be = backend()
+    full = stages.abduct_unet_lora(be, be.encode_image(latents), "a red disc", settings)
+    assert 0 < full.skipped_steps < 30
+    assert full.lora.metadata["dac.skipped_steps"] == str(full.skipped_steps)
+    assert full.lora.metadata["dac.training_dtype"] == "float16"
+    assert all(layer.up.dtype == torch.float32 and float(layer.up.abs().sum()) > 0
+               for layer in full.lora.layers.values())
+
+    saved = []
+
+    def cancel_at_20(step, total, loss):
+        if step == 20:
+            raise StopTraining
+
+    be = backend()
+    with pytest.raises(StopTraining):
+        stages.abduct_unet_lora(be, be.encode_image(latents), "a red disc", settings, progress=cancel_at_20,
+                                save_state=saved.append)
+    be = backend()
+    resumed = stages.abduct_unet_lora(be, be.encode_image(latents), "a red disc", settings, resume=saved[-1])
+    assert resumed.losses == full.losses and resumed.skipped_steps == full.skipped_steps
+    for stem, layer in full.lora.layers.items():
+        assert torch.equal(resumed.lora.layers[stem].up, layer.up)
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
         (TrainSettings(steps=0), "UNet LoRA steps must be a positive integer, got 0"),
         (TrainSettings(rank=-2), "UNet LoRA rank must be a positive integer, got -2"),
         (TrainSettings(lr=0.0), "UNet LoRA learning rate must be a positive number, got 0.0"),
+        (TrainSettings(max_grad_norm=-1.0), "UNet LoRA max_grad_norm must be 0 or none .no clipping. or a positive"),
     ],
 )
 def test_bad_settings_are_named(make_backend, latents, settings, message):
