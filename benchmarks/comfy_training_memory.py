@@ -32,6 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -80,7 +88,7 @@ def child(args) -> dict:
     t2 = time.perf_counter()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "rank": args.rank,
         "size": args.size, "loaded_rss_mb": round(loaded_rss), "peak_rss_mb": round(peak_rss),
         "training_added_mb": round(peak_rss - loaded_rss),
