@@ -6,18 +6,89 @@ The UNet and text encoder carry the same weights as dac_core.tiny's diffusers mo
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
+import pytest
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder name ComfyUI-Manager gives the pack: the repository's name (not an identifier,
+# so the pack must work under a module name ComfyUI makes up from the folder path).
+PACK_FOLDER = "dac-image-edit"
 
-def import_comfy(path: str) -> None:
-    if path not in sys.path:
+# Every test that needs ComfyUI carries the `comfyui` mark; in CI (CI=true, COMFYUI_PATH set)
+# conftest.py turns a skip of such a test into a failure.
+NEEDS_COMFYUI = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
+                       reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout"),
+]
+
+
+def import_comfy(path: str, base_directory: str | None = None) -> str:
+    """Make the ComfyUI checkout at `path` importable in this process without writing into it.
+
+    ComfyUI puts models/, custom_nodes/, input/, output/, temp/ and user/ under its
+    `base_directory` (its own folder by default; folder_paths creates input/ on import) and
+    Python writes __pycache__ beside its sources. Here they go to `base_directory` (a fresh
+    temporary folder, removed at exit, when None) and no bytecode is written. Must run before
+    anything imports `folder_paths`. Returns the base directory in use.
+
+    It also imports ComfyUI's `nodes` module while `path` leads sys.path: the repository's own
+    `nodes/` package would shadow it once pytest puts the repository root in front.
+    """
+    sys.dont_write_bytecode = True
+    if sys.path[:1] != [path]:
+        if path in sys.path:
+            sys.path.remove(path)
         sys.path.insert(0, path)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    args = comfy.cli_args.args
+    args.cpu = True
+    if "folder_paths" in sys.modules:
+        base = sys.modules["folder_paths"].base_path
+        if os.path.realpath(base) == os.path.realpath(path):
+            raise RuntimeError("folder_paths was imported before import_comfy(): its base is COMFYUI_PATH itself")
+        return base
+    if base_directory is None:
+        base_directory = tempfile.mkdtemp(prefix="dac-comfyui-base-")
+        atexit.register(shutil.rmtree, base_directory, ignore_errors=True)
+    args.base_directory = base_directory
+    # The default database (used by main.py only) is <ComfyUI>/user/comfyui.db.
+    args.database_url = "sqlite:///" + os.path.join(base_directory, "user", "comfyui.db")
+    import folder_paths
+    import nodes
+
+    assert os.path.realpath(folder_paths.base_path) == os.path.realpath(base_directory)
+    assert os.path.realpath(os.path.dirname(nodes.__file__)) == os.path.realpath(path), nodes.__file__
+    return base_directory
+
+
+def pack_files() -> list[str]:
+    """The repository's git-tracked files (relative paths): what a clone of it holds."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"cannot list the repository's files with git in {ROOT}: {e}") from e
+    files = [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f))]
+    assert "__init__.py" in files and "requirements.txt" in files, files[:20]
+    return files
+
+
+def copy_pack(custom_nodes: str, name: str = PACK_FOLDER) -> str:
+    """Install the pack as ComfyUI-Manager does, a folder of the repository's files in
+    `custom_nodes` (a copy, not a link, and no pip install of this project). Returns its path."""
+    dest = os.path.join(custom_nodes, name)
+    for rel in pack_files():
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
+    return dest
 
 
 def unet_config(flavour: str) -> dict:
@@ -146,7 +217,7 @@ def import_pack():
     import importlib
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     name = "dac_pack"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),

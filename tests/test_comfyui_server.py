@@ -1,7 +1,11 @@
 """A real ComfyUI server (subprocess, --cpu) runs the pack's API-format workflows.
 
 Needs COMFYUI_PATH (a ComfyUI checkout whose requirements are installed in this Python).
-The checkpoint is built by tests/comfy_tiny.py: detected as SD 1.5, random weights.
+The pack is installed as ComfyUI-Manager installs it: a copy of the repository's files in
+custom_nodes/ (plus requirements.txt, which test_requirements.py checks against what the
+nodes import). Everything ComfyUI writes goes to a temporary --base-directory, so
+COMFYUI_PATH may be read-only. The checkpoint is built by tests/comfy_tiny.py: detected as
+SD 1.5, random weights.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import urllib.request
 import pytest
 
 import comfy_tiny
-from conftest import ROOT
+from conftest import ROOT, tree_changes, tree_state
 
 COMFYUI = comfy_tiny.comfyui_path()
-pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
+pytestmark = comfy_tiny.NEEDS_COMFYUI
 CKPT = "dac_tiny_sd15.safetensors"
 CONTROLNET = "dac_tiny_sd15_controlnet.safetensors"
 FAST = {"steps": 3, "rank": 4, "preview_every": 2}
+PACK = comfy_tiny.PACK_FOLDER
 
 
 def _free_port() -> int:
@@ -43,17 +48,15 @@ class Server:
         self.proc = None
 
     def start(self):
-        extra = os.path.join(self.base, "extra.yaml")
-        with open(extra, "w") as f:
-            f.write(f"dac_test:\n  base_path: {self.base}\n  is_default: true\n  checkpoints: models/checkpoints\n"
-                    "  loras: models/loras\n  controlnet: models/controlnet\n  custom_nodes: custom_nodes\n")
         log = open(self.log_path, "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # -B: no __pycache__ in COMFYUI_PATH. --base-directory: models/, custom_nodes/, input/,
+        # output/, temp/ and user/ under self.base; the database's default is <ComfyUI>/user/.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-api-nodes", "--output-directory", os.path.join(self.base, "output"),
-             "--input-directory", os.path.join(self.base, "input"), "--extra-model-paths-config", extra],
-            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
+            [sys.executable, "-B", os.path.join(COMFYUI, "main.py"), "--cpu", "--listen", "127.0.0.1",
+             "--port", str(self.port), "--disable-api-nodes", "--base-directory", self.base,
+             "--database-url", "sqlite:///" + os.path.join(self.base, "user", "comfyui.db")],
+            cwd=self.base, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -107,16 +110,21 @@ def server(tmp_path_factory):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     comfy_tiny.save_sd15_checkpoint(os.path.join(base, "models/checkpoints", CKPT))
     comfy_tiny.save_sd15_controlnet(os.path.join(base, "models/controlnet", CONTROLNET))
-    os.symlink(ROOT, os.path.join(base, "custom_nodes", "dac_pack"))
+    pack = comfy_tiny.copy_pack(os.path.join(base, "custom_nodes"))
+    assert not os.path.islink(pack) and os.path.isfile(os.path.join(pack, "requirements.txt"))
     from dac_core.tiny import demo_image
 
     demo_image((64, 48)).save(os.path.join(base, "input", "example.png"))
+    before = tree_state(COMFYUI)
     srv = Server(base).start()
     yield srv
     srv.stop()
     log = open(srv.log_path).read()
-    ours = [line for line in log.splitlines() if "dac_pack" in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    ours = [line for line in log.splitlines()
+            if PACK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
     assert not ours, log[-3000:]
+    assert f"custom_nodes{os.sep}{PACK}" in log, "ComfyUI's log does not list the pack among its custom nodes"
+    assert not tree_changes(before, tree_state(COMFYUI)), "the server wrote into COMFYUI_PATH"
 
 
 def load_api(name: str) -> dict:
@@ -158,7 +166,7 @@ def test_pack_loads_with_every_node(server):
         declared = {**info[node.id]["input"].get("required", {}), **info[node.id]["input"].get("optional", {})}
         assert [i.name for i in node.inputs] == list(declared)
     templates = server.get("/workflow_templates")
-    assert sorted(templates["dac_pack"]) == ["dac_basic_edit", "dac_controlnet_edit", "dac_edit_then_upscale",
+    assert sorted(templates[PACK]) == ["dac_basic_edit", "dac_controlnet_edit", "dac_edit_then_upscale",
                                              "dac_save_and_share"]
 
 

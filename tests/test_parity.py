@@ -25,7 +25,7 @@ import torch
 import comfy_tiny
 
 COMFYUI = comfy_tiny.comfyui_path()
-pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
+pytestmark = comfy_tiny.NEEDS_COMFYUI
 if COMFYUI:
     comfy_tiny.import_comfy(COMFYUI)
 
