@@ -25,7 +25,7 @@ import torch
 import comfy_tiny
 
 COMFYUI = comfy_tiny.comfyui_path()
-pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: these tests need a ComfyUI checkout")
+pytestmark = comfy_tiny.NEEDS_COMFYUI
 if COMFYUI:
     comfy_tiny.import_comfy(COMFYUI)
 
@@ -37,10 +37,7 @@ def fp16_device():
 
     mp = pytest.MonkeyPatch()
     mp.setattr(mm, "should_use_fp16", lambda *args, **kwargs: True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only waits for a busy core
     yield
-    torch.set_num_threads(threads)
     mp.undo()
 
 
