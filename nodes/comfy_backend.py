@@ -86,7 +86,7 @@ def lora_strength_wrapper(strength: Strength, model_sampling, schedule):
     sigma of each call (fraction = timestep / 999): DAC's gamma(t) under any sampler."""
 
     def wrapper(executor, x, t, *args, **kwargs):
-        frac = model_sampling.timestep(t).float().cpu() / 999.0
+        frac = model_sampling.timestep(t).double().cpu() / 999.0  # gamma in float64, as the reference
         if bool((frac == frac[0]).all()):
             strength.value = float(schedule(frac[:1])[0])
             return executor(x, t, *args, **kwargs)
