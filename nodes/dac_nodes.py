@@ -131,8 +131,9 @@ class AbductUNetLoRA(io.ComfyNode):
             preview = None
             if preview_every:
                 preview = lambda step: backend.preview(latents) if step % preview_every == 0 else None  # noqa: E731
-            return stages.abduct_unet_lora(backend, latents, source_prompt, settings,
-                                           init=_named(init_lora, "init_lora"), progress=_progress(steps, preview)), pixels
+            result = stages.abduct_unet_lora(backend, latents, source_prompt, settings,
+                                             init=_named(init_lora, "init_lora"), progress=_progress(steps, preview))
+            return result, pixels
 
         result, pixels = _train(backend, run)
         lora = result.lora

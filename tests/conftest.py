@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI = os.environ.get("COMFYUI_PATH")
 # In CI (CI=true) with COMFYUI_PATH set, the ComfyUI tests must run: a skip is a failure.
@@ -67,6 +69,14 @@ def pytest_sessionfinish(session, exitstatus):
     if changed:
         print(f"\nFAILED: the tests wrote into COMFYUI_PATH={COMFYUI}: {changed[:20]}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+class HugeLossScale(torch.amp.GradScaler):
+    """torch.amp.GradScaler with a first loss scale (2**40) so large that the float16 backward
+    overflows until the scaler has backed off: skipped steps, on purpose."""
+
+    def __init__(self, device="cuda", **kwargs):
+        super().__init__(device, init_scale=2.0**40, **kwargs)
 
 
 @pytest.fixture(scope="session")

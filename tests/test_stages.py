@@ -267,16 +267,10 @@ def test_gradients_are_not_clipped_unless_asked(make_backend, latents):
     assert not torch.equal(runs["default"].lora.layers[stem].up, runs["clipped"].lora.layers[stem].up)
 
 
-class HugeLossScale(torch.amp.GradScaler):
-    """A first loss scale so large that the float16 backward overflows until it backs off."""
-
-    def __init__(self, device="cuda", **kwargs):
-        super().__init__(device, init_scale=2.0**40, **kwargs)
-
-
 def test_float16_training_skips_overflowing_steps_and_resumes_exactly(latents, monkeypatch):
     """float16 compute: float32 LoRA weights, loss scaling; steps with inf/nan gradients are
     skipped and counted; an interrupted run resumes with the scaler's state, to the bit."""
+    from conftest import HugeLossScale
     from dac_core.diffusers_backend import DiffusersBackend
 
     monkeypatch.setattr(torch.amp, "GradScaler", HugeLossScale)
