@@ -144,7 +144,7 @@ class ComfyBackend(DACBackend):
             raise DACError(f"this model's sampling ({type(self.model_sampling).__name__}) is not supported: DAC works "
                            "on Stable Diffusion 1.x and 2.x checkpoints (epsilon or v-prediction)")
         self.num_train_timesteps = len(self.model_sampling.sigmas)
-        self.latent_format = self.model.model.latent_format
+        self.latent_format = self.model.get_model_object("latent_format")
         self.latent_channels = self.latent_format.latent_channels
         self.latent_factor = 8
         self.native_side = 512
