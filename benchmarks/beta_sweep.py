@@ -11,14 +11,13 @@ scores (`dac_core.bench`). Prints edit / keep / joint counts and mean PSNR per s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
 from dac_core import bench as B
 from dac_core import world as W
 from dac_core.diffusers_backend import DiffusersBackend
-from dac_core.files import atomic_path
+from dac_core.files import write_json
 from dac_core.image import image_to_tensor, tensor_to_images
 from dac_core.stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 from dac_core.world_model import shipped_model_path
@@ -74,8 +73,7 @@ def main() -> None:
               f"PSNR {psnr / n:.1f} dB")
     print(f"{time.time() - start:.0f} s; {B.environment('cpu')}")
     if args.json:
-        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -152,10 +152,9 @@ def main() -> None:
                   f"{r['unet_s_per_step']:>10}{r['text_s_per_step']:>10}")
     if args.json:
         sys.path.insert(0, ROOT)
-        from dac_core.files import atomic_path
+        from dac_core.files import write_json
 
-        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows, indent=2)
 
 
 if __name__ == "__main__":

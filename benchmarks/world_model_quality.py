@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import time
 
@@ -25,7 +24,7 @@ from dac_core import bench as B
 from dac_core import world as W
 from dac_core import world_model as M
 from dac_core.diffusers_backend import load_pipeline
-from dac_core.files import atomic_path
+from dac_core.files import write_json
 
 
 def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -100,8 +99,7 @@ def main() -> None:
         if failures is not None:
             record.update(failed_images=dict(failures.images), wrong_objects=dict(failures.objects),
                           passed_twice=failures.passed_twice)
-        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 from . import world as W
 from .errors import DACError
-from .files import atomic_path
+from .files import atomic_path, write_json
 from .image import image_to_tensor, tensor_to_images, wrap
 from .stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 from .world_model import DAC_SETTINGS, shipped_model_path
@@ -317,8 +317,7 @@ def main(argv=None) -> None:
             f.write(markdown(results) + "\n")
     if args.json:
         data = {k: v for k, v in results.items() if k != "images"} | {"summary": summary(results)}
-        with atomic_path(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+        write_json(args.json, data)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .backend import DACBackend
 from .errors import DACError, NonFiniteLossError
-from .files import atomic_path
+from .files import atomic_path, write_json
 from .image import before_after, fit_size, image_to_tensor, load_image, tensor_to_images, to_rgb
 from .lora import LoRA, load_lora, save_lora
 from .schedule import check_eta
@@ -296,7 +296,6 @@ def edit(
         before_after(pil, images, params.source, params.target).save(tmp, format="PNG")
     record["before_after"] = os.path.abspath(before_after_path)
     record_path = os.path.join(workdir, "dac_edit.json")
-    with atomic_path(record_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
+    write_json(record_path, record, indent=2, default=str)
     return EditResult(images, paths, unet_path, text_path, record_path, reused_unet, reused_text, unet_losses,
                       text_losses, before_after_path)

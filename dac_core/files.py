@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -25,6 +26,12 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str | os.PathLike, data, indent: int = 1, default=None) -> None:
+    """Write `data` as JSON (UTF-8) to `path` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent, default=default)
 
 
 def _umask() -> int:

@@ -25,14 +25,24 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
+def annealing(eta: float):
+    """gamma as a function of the noise-level fraction(s) in [0, 1] (a float, or a tensor of
+    any shape, per sample), for this eta, checked here once: what a sampler calls each step."""
+    eta = check_eta(eta)
+
+    def gamma_of(fraction):
+        if isinstance(fraction, torch.Tensor):
+            f = fraction.to(torch.float64).clamp(0.0, 1.0)
+            return ((1.0 - eta) * (1.0 - f) ** 2 + eta).to(torch.float32)
+        f = min(max(float(fraction), 0.0), 1.0)
+        return (1.0 - eta) * (1.0 - f) ** 2 + eta
+
+    return gamma_of
+
+
 def gamma_at_fraction(fraction, eta: float):
     """gamma for noise-level fraction(s) in [0, 1]: a float, or a tensor of any shape (per sample)."""
-    check_eta(eta)
-    if isinstance(fraction, torch.Tensor):
-        f = fraction.to(torch.float64).clamp(0.0, 1.0)
-        return ((1.0 - eta) * (1.0 - f) ** 2 + eta).to(torch.float32)
-    f = min(max(float(fraction), 0.0), 1.0)
-    return (1.0 - eta) * (1.0 - f) ** 2 + eta
+    return annealing(eta)(fraction)
 
 
 def gamma(t, eta: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):

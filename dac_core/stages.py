@@ -30,7 +30,7 @@ from . import __version__
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
 from .errors import DACError, NonFiniteLossError, StopTraining
 from .lora import LoRA, fresh_lora
-from .schedule import check_eta, gamma, gamma_at_fraction
+from .schedule import annealing, check_eta, gamma
 
 log = logging.getLogger("dac_core")
 
@@ -92,8 +92,9 @@ class StageResult:
 
 def _fresh_lora(backend: DACBackend, name: str, start: LoRA | None, rank: int, seed: int) -> list[torch.nn.Parameter]:
     """Attach LoRA `name` as trainable: `start`, or a fresh one drawn from `seed`."""
-    lora = start if start is not None else fresh_lora(backend.lora_shapes(name), rank, torch.Generator().manual_seed(seed))
-    return backend.attach_lora(name, lora, trainable=True)
+    if start is None:
+        start = fresh_lora(backend.lora_shapes(name), rank, torch.Generator().manual_seed(seed))
+    return backend.attach_lora(name, start, trainable=True)
 
 
 def check_prompt(backend: DACBackend, prompt: str, what: str) -> str:
@@ -283,6 +284,19 @@ def abduct_text_lora(
     return result
 
 
+def counterfactual_strengths(eta: float, beta: float) -> dict:
+    """DAC's Action step, the one place that says how the LoRAs act in the counterfactual:
+    U at gamma(t) (a function of the noise-level fraction, called at every sampler step),
+    the text-encoder LoRA Delta at -beta, the optional extra LoRA T at +1."""
+    if not math.isfinite(beta):
+        raise DACError(f"beta must be a finite number, got {beta}")
+    try:
+        unet = annealing(eta)
+    except ValueError as e:
+        raise DACError(str(e)) from None
+    return {UNET: unet, TEXT_DELTA: -float(beta), TEXT_EXTRA: 1.0}
+
+
 def counterfactual_sample(
     backend: DACBackend,
     target_prompt: str,
@@ -308,33 +322,34 @@ def counterfactual_sample(
     Returns images [K, 3, H, W] in [-1, 1] of `size` = (width, height), or with
     decode=False the backend's latents.
     """
-    check_eta(eta)
+    strengths = counterfactual_strengths(eta, beta)
     check_prompt(backend, target_prompt, "target prompt")
     for what, value in (("sampling steps", steps), ("number of images", num_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise DACError(f"{what} must be a positive integer, got {value!r}")
-    if not math.isfinite(beta) or not math.isfinite(cfg):
-        raise DACError(f"beta and cfg must be finite numbers, got beta={beta}, cfg={cfg}")
+    if not math.isfinite(cfg):
+        raise DACError(f"cfg must be a finite number, got {cfg}")
     if negative_prompt:
         check_prompt(backend, negative_prompt, "negative prompt")
     if unet_lora is not None:
         backend.attach_lora(UNET, unet_lora, trainable=False)
     else:
         backend.detach_lora(UNET)
-    for name, lora, scale in ((TEXT_DELTA, text_lora, -beta), (TEXT_EXTRA, extra_text_lora, 1.0)):
+    for name, lora in ((TEXT_DELTA, text_lora), (TEXT_EXTRA, extra_text_lora)):
         if lora is None:
             backend.detach_lora(name)
         else:
             backend.attach_lora(name, lora, trainable=False)
-            backend.set_lora_scale(name, scale)
+            backend.set_lora_scale(name, strengths[name])
     w, h = size
     f = backend.latent_factor
     with torch.no_grad():
         cond = backend.encode_prompts([target_prompt] * num_images)
         uncond = backend.encode_prompts([negative_prompt] * num_images)
+        shape = (1, backend.latent_channels, h // f, w // f)
         noise = torch.cat(
-            [torch.randn((1, backend.latent_channels, h // f, w // f), generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)]
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)]
         ).to(backend.device)
-        schedule = (lambda frac: gamma_at_fraction(frac, eta)) if unet_lora is not None else (lambda frac: torch.ones_like(frac))
+        schedule = strengths[UNET] if unet_lora is not None else torch.ones_like
         latents = backend.sample(cond, uncond, noise, steps, cfg, schedule, progress)
         return backend.decode_latents(latents) if decode else latents

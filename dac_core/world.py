@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from .files import write_json
+
 SIZE = 64  # pixels; the world is drawn at this size (the demo model's native size)
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {  # well separated in RGB; objects use the first six
@@ -285,8 +287,7 @@ def default_cases(per_type: int = 6, seed: int = 0) -> list[Case]:
 
 
 def save_cases(cases: list[Case], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump([c.to_json() for c in cases], f, indent=1)
+    write_json(path, [c.to_json() for c in cases])
 
 
 def load_cases(path: str) -> list[Case]:

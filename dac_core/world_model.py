@@ -603,10 +603,9 @@ def _read_record(path: str) -> dict:
 
 
 def _write_record(out: str, record: dict, name: str = "training.json") -> None:
-    from .files import atomic_path
+    from .files import write_json
 
-    with atomic_path(os.path.join(out, name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    write_json(os.path.join(out, name), record)
 
 
 if __name__ == "__main__":

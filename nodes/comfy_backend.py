@@ -352,18 +352,19 @@ def release(*patchers) -> None:
 
 def apply_loras(model, clip, unet_lora, text_lora, eta: float, beta: float, extra_text_lora=None):
     """(MODEL, CLIP) clones: the UNet LoRA at gamma(t) under any sampler, the text-encoder
-    LoRA at -beta (and T at +1). The inputs are not changed."""
-    from ..dac_core.schedule import gamma_at_fraction
+    LoRA at -beta (and T at +1), as dac_core.stages.counterfactual_strengths says. The inputs
+    are not changed."""
+    from ..dac_core.stages import counterfactual_strengths
 
+    strengths = counterfactual_strengths(eta, beta)
     backend = ComfyBackend(model, clip)
     out_model = backend.model
     if unet_lora is not None:
         backend.attach_lora(UNET, unet_lora)
         out_model.add_wrapper(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-                              lora_strength_wrapper(backend.strengths[UNET], backend.model_sampling,
-                                                    lambda f: gamma_at_fraction(f, eta)))
-    for name, lora, strength in ((TEXT_DELTA, text_lora, -beta), (TEXT_EXTRA, extra_text_lora, 1.0)):
+                              lora_strength_wrapper(backend.strengths[UNET], backend.model_sampling, strengths[UNET]))
+    for name, lora in ((TEXT_DELTA, text_lora), (TEXT_EXTRA, extra_text_lora)):
         if lora is not None and clip is not None:
             backend.attach_lora(name, lora)
-            backend.strengths[name].value = strength
+            backend.set_lora_scale(name, strengths[name])
     return out_model, backend.clip

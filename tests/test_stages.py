@@ -251,6 +251,23 @@ def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
         assert torch.equal(resumed.lora.layers[stem].up, layer.up)
 
 
+def test_counterfactual_settings_are_checked_once_not_per_sampler_step(make_backend, latents, monkeypatch):
+    from dac_core import schedule
+
+    be = make_backend("sd1")
+    lat = be.encode_image(latents)
+    u = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=2, rank=4)).lora
+    d = stages.abduct_text_lora(be, lat, "a b", u, TrainSettings(steps=2, rank=4)).lora
+    calls = []
+    real = schedule.check_eta
+    monkeypatch.setattr(schedule, "check_eta", lambda eta: calls.append(eta) or real(eta))
+    stages.counterfactual_sample(be, "a b", u, d, (64, 64), eta=0.6, steps=5, decode=False)
+    assert calls == [0.6]
+    for eta, beta, message in ((1.5, 1.0, r"eta must be in \(0, 1\]"), (0.8, float("inf"), "beta must be a finite")):
+        with pytest.raises(DACError, match=message):
+            stages.counterfactual_sample(be, "a b", u, d, (64, 64), eta=eta, beta=beta, steps=2)
+
+
 def test_gradients_are_not_clipped_unless_asked(make_backend, latents):
     """The reference never clips (its clip_grad_norm_ gets an exhausted iterator): neither does
     the default; a norm limit, when given, changes the training."""
