@@ -135,14 +135,31 @@ def fresh_lora(shapes: dict[str, torch.Size], rank: int, generator: torch.Genera
     return LoRA(layers)
 
 
-def merge(*loras: LoRA) -> LoRA:
-    """One LoRA holding the layers of several (e.g. UNet + text encoder for one file)."""
-    layers: dict[str, LoRALayer] = {}
-    metadata: dict[str, str] = {}
-    for lora in loras:
-        layers.update(lora.layers)
-        metadata.update(lora.metadata)
-    return LoRA(layers, metadata)
+TEXT_METADATA = "dac.text."  # a combined file keeps the text-encoder LoRA's dac.* metadata under this
+
+
+def combine(unet_lora: LoRA, text_lora: LoRA) -> LoRA:
+    """U's and Delta's layers in one LoRA, for one file that every LoRA loader reads: U's
+    `dac.*` metadata as it is, Delta's under `dac.text.*` (`split` undoes this)."""
+    metadata = {k: v for k, v in unet_lora.metadata.items() if not k.startswith(TEXT_METADATA)}
+    metadata.update({TEXT_METADATA + k[len("dac."):]: v
+                     for k, v in text_lora.metadata.items() if k.startswith("dac.")})
+    metadata["dac.stage"] = "unet+text"
+    return LoRA({**unet_lora.unet.layers, **text_lora.text_encoder.layers}, metadata)
+
+
+def split(lora: LoRA) -> tuple[LoRA, LoRA]:
+    """(UNet part, text-encoder part) of a LoRA, each with its own `dac.*` metadata: a file
+    written from `combine` gives each part back what it had; any other file gives both
+    parts its metadata as it is."""
+    unet, text = lora.unet, lora.text_encoder
+    meta = lora.metadata
+    if meta.get("dac.stage") == "unet+text":
+        unet.metadata = {k: v for k, v in meta.items() if not k.startswith(TEXT_METADATA)} | {"dac.stage": "unet"}
+        text.metadata = {k: v for k, v in meta.items() if not k.startswith("dac.")}
+        text.metadata.update({"dac." + k[len(TEXT_METADATA):]: v
+                              for k, v in meta.items() if k.startswith(TEXT_METADATA)})
+    return unet, text
 
 
 def to_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:

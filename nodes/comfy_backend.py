@@ -133,7 +133,10 @@ def _model_output_and_target(kind: str, sigma, x_t, x0, noise, latents):
 
 class ComfyBackend(DACBackend):
     def __init__(self, model, clip, vae=None, training_dtype: str = "fp32", gradient_checkpointing: bool = False,
-                 sampler_name: str = "ddim", scheduler: str = "ddim_uniform"):
+                 sampler_name: str = "ddim", scheduler: str = "ddim_uniform", positive_extras: dict | None = None,
+                 negative_extras: dict | None = None):
+        """`positive_extras` / `negative_extras`: what the sampled conditionings carry beside
+        the text embedding (a ControlNet's "control", areas, masks), kept as given."""
         self.model = model.clone()
         self.clip = clip.clone() if clip is not None else None
         self.vae = vae
@@ -153,8 +156,8 @@ class ComfyBackend(DACBackend):
         self.training_dtype = TRAINING_DTYPES[training_dtype]
         self.gradient_checkpointing = gradient_checkpointing
         self.sampler_name, self.scheduler = sampler_name, scheduler
-        self.positive_extras: dict = {}
-        self.negative_extras: dict = {}
+        self.positive_extras = dict(positive_extras or {})
+        self.negative_extras = dict(negative_extras or {})
         self.strengths = {UNET: Strength(), TEXT_DELTA: Strength(), TEXT_EXTRA: Strength()}
         self.wrappers: dict[str, dict[str, LoRAWrapper]] = {}
         self._prepared: set[int] = set()  # ids of the patchers made trainable-through

@@ -20,7 +20,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..dac_core import stages
 from ..dac_core.errors import DACError
-from ..dac_core.lora import LoRA, load_lora, merge, save_lora
+from ..dac_core.lora import LoRA, combine, load_lora, save_lora, split
 from . import spec
 from .comfy_backend import ComfyBackend, apply_loras, release
 
@@ -82,6 +82,13 @@ def _named(lora: LoRA | None, what: str) -> LoRA | None:
     if lora is not None:
         lora = LoRA(lora.layers, dict(lora.metadata), f"the {what} input")
     return lora
+
+
+def _extras(conditioning) -> dict:
+    """What a CONDITIONING carries beside its text embedding (ControlNet, area, mask, ...)."""
+    if not conditioning:
+        return {}
+    return {k: v for k, v in conditioning[0][1].items() if k != "pooled_output"}
 
 
 def _loss_map(result: stages.StageResult) -> dict:
@@ -173,17 +180,14 @@ class CounterfactualSample(io.ComfyNode):
     def execute(cls, model, clip, unet_lora, text_lora, target_prompt, negative_prompt, eta, beta, seed, steps, cfg,
                 sampler_name, scheduler, batch_size, latent=None, positive=None, negative=None,
                 extra_text_lora=None) -> io.NodeOutput:
-        backend = ComfyBackend(model, clip, None, sampler_name=sampler_name, scheduler=scheduler)
+        backend = ComfyBackend(model, clip, None, sampler_name=sampler_name, scheduler=scheduler,
+                               positive_extras=_extras(positive), negative_extras=_extras(negative))
         if not target_prompt.strip():
             target_prompt = text_lora.metadata.get("dac.prompt", "")
         trained_eta = text_lora.metadata.get("dac.eta")
         if trained_eta and abs(float(trained_eta) - eta) > 1e-6:
             log.warning("Counterfactual Sample: eta %s differs from the eta %s the text-encoder LoRA was fitted with; "
                         "DAC uses the same value for both", eta, trained_eta)
-        if positive:
-            backend.positive_extras = {k: v for k, v in positive[0][1].items() if k != "pooled_output"}
-        if negative:
-            backend.negative_extras = {k: v for k, v in negative[0][1].items() if k != "pooled_output"}
         if latent is not None:
             _, _, h, w = latent["samples"].shape
             size, batch_size = (w * 8, h * 8), max(batch_size, latent["samples"].shape[0])
@@ -223,10 +227,7 @@ class SaveDACLoRA(io.ComfyNode):
         folder = folder_paths.get_folder_paths("loras")[0]
         full, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
         path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
-        unet_meta = {k: v for k, v in unet_lora.metadata.items()}
-        text_meta = {("dac.text." + k[4:] if k.startswith("dac.") else k): v for k, v in text_lora.metadata.items()}
-        save_lora(merge(LoRA(unet_lora.unet.layers), LoRA(text_lora.text_encoder.layers)), path,
-                  {**unet_meta, **text_meta, "dac.stage": "unet+text"})
+        save_lora(combine(unet_lora, text_lora), path)
         log.info("saved DAC LoRA to %s", path)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder)} in models/loras"))
 
@@ -239,10 +240,9 @@ class LoadDACLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
         lora = load_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
-        unet, text = lora.unet, lora.text_encoder
+        unet, text = split(lora)
         if not len(unet) and not len(text):
             raise DACError(f"{lora_name} holds no UNet or text-encoder LoRA layers")
-        text.metadata = {("dac." + k[9:] if k.startswith("dac.text.") else k): v for k, v in lora.metadata.items()}
         return io.NodeOutput(unet if len(unet) else None, text if len(text) else None)
 
 

@@ -1,5 +1,6 @@
 """The LoRA file format: kohya naming out, kohya and diffusers/peft naming in."""
 
+import json
 import os
 
 import pytest
@@ -37,7 +38,7 @@ def outputs(unet, text_encoder, tokenizer):
 
 def test_saved_file_uses_kohya_names_and_records_metadata(trained, tmp_path):
     be, u, d = trained
-    path = L.save_lora(L.merge(u, d), tmp_path / "edit.safetensors")
+    path = L.save_lora(L.combine(u, d), tmp_path / "edit.safetensors")
     with safe_open(path, framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
@@ -45,16 +46,25 @@ def test_saved_file_uses_kohya_names_and_records_metadata(trained, tmp_path):
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
-    assert meta["dac.stage"] in ("unet", "text") and meta["dac.version"]
+    assert meta["dac.stage"] == "unet+text" and meta["dac.version"]
     assert meta["dac.base_model_fingerprint"] == be.fingerprint()
-    assert meta["dac.eta"] == "0.8" and meta["dac.prompt"] == "a red disc with a hat"
+    assert meta["dac.prompt"] == u.metadata["dac.prompt"] and meta["dac.text.stage"] == "text"
+    assert meta["dac.text.eta"] == "0.8" and meta["dac.text.prompt"] == "a red disc with a hat"
     assert meta["ss_network_dim"] == "4"
+    # Reading it back gives each LoRA its own metadata again.
+    unet, text = L.split(L.load_lora(path))
+    assert (len(unet), len(text)) == (len(u), len(d))
+    for part, original in ((unet, u), (text, d)):
+        for key, value in original.metadata.items():
+            expected = value if isinstance(value, str) else json.dumps(value)
+            assert part.metadata[key] == expected, key
+    assert "dac.eta" not in unet.metadata and text.metadata["dac.stage"] == "text"
 
 
 def test_round_trip_gives_identical_outputs(trained, tmp_path, make_backend):
     be, u, d = trained
     expected = outputs(be.unet, be.text_encoder, be.tokenizer)
-    path = L.save_lora(L.merge(u, d), tmp_path / "both.safetensors")
+    path = L.save_lora(L.combine(u, d), tmp_path / "both.safetensors")
     loaded = L.load_lora(path)
     fresh = make_backend("sd1")
     fresh.attach_lora(UNET, loaded)
@@ -66,7 +76,7 @@ def test_round_trip_gives_identical_outputs(trained, tmp_path, make_backend):
 def test_diffusers_load_lora_weights_reads_our_file(trained, tmp_path):
     be, u, d = trained
     expected = outputs(be.unet, be.text_encoder, be.tokenizer)
-    L.save_lora(L.merge(u, d), tmp_path / "dac.safetensors")
+    L.save_lora(L.combine(u, d), tmp_path / "dac.safetensors")
     pipe = tiny_pipeline("sd1")
     pipe.load_lora_weights(str(tmp_path), weight_name="dac.safetensors")
     n_unet = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
