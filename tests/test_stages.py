@@ -101,13 +101,18 @@ def test_abduction2_uses_gamma_of_each_samples_timestep(make_backend, latents):
     be = make_backend("sd1")
     lat = be.encode_image(latents)
     unet_lora = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=2, rank=4)).lora
-    scales = []
-    original = be.set_lora_scale
-    be.set_lora_scale = lambda name, s: (scales.append(s) if name == UNET else None, original(name, s))[1]
+    scales, timesteps = [], []
+    original_scale, original_loss = be.set_lora_scale, be.loss
+    be.set_lora_scale = lambda name, s: (scales.append(s) if name == UNET else None, original_scale(name, s))[1]
+    be.loss = lambda x0, noise, t, cond: (timesteps.append(t.clone()), original_loss(x0, noise, t, cond))[1]
     stages.abduct_text_lora(be, lat, "a b", unet_lora, TrainSettings(steps=3, rank=4, batch_size=3), eta=0.5)
     per_sample = [s for s in scales if isinstance(s, torch.Tensor)]
-    assert len(per_sample) == 3 and all(s.shape == (3,) for s in per_sample)
-    assert all(((s >= 0.5) & (s <= 1.0)).all() for s in per_sample)
+    assert len(per_sample) == len(timesteps) == 3
+    assert any(len(set(t.tolist())) == 3 for t in timesteps)  # the samples of a step differ in t
+    for s, t in zip(per_sample, timesteps):
+        # each sample's strength is gamma of its own timestep (the spec's formula, eta 0.5)
+        expected = torch.tensor([0.5 / 999**2 * (int(x) - 999) ** 2 + 0.5 for x in t], dtype=torch.float32)
+        assert torch.allclose(s, expected, rtol=0, atol=1e-7), (s, t)
 
 
 def test_extra_text_lora_stays_frozen_while_delta_trains(make_backend, latents):

@@ -272,10 +272,11 @@ def test_validator_reports_an_unknown_input_name(basic_ui):
 
 # --- the node spec -------------------------------------------------------------------------------
 
-def test_spec_node_ids_are_unique(spec):
+def test_spec_node_ids_and_names_are_unique_and_namespaced(spec):
     ids = [n.id for n in spec.NODES]
-    assert len(ids) == len(set(ids)) == 6
-    assert set(spec.BY_ID) == set(ids)
+    names = [n.display_name for n in spec.NODES]
+    assert len(ids) == len(set(ids)) and len(names) == len(set(names))
+    assert all(i.startswith("DAC") for i in ids)  # no clash with core or other packs' node ids
 
 
 def test_spec_inputs_have_tooltips_and_nodes_descriptions(spec):

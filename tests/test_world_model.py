@@ -131,6 +131,10 @@ def test_training_command_writes_records_and_reuses_its_vae(tmp_path, caplog):
     assert "reusing the VAE" in caplog.text
     record = json.loads((out / "training.json").read_text())
     assert record["text_steps"] == 2 and record["text_final_loss"] > 0
-    assert record["unet_steps"] == 2 and record["eval_images"] == 1 and record["match_rate"] in (0.0, 1.0)
+    assert record["unet_steps"] == 2 and record["eval_images"] == 1
+    # One image is right in every attribute exactly when each attribute's rate is 1.
+    rates = record["attribute_rates"]
+    assert set(rates) == {"shape", "colour", "size", "position", "background", "texture", "no_extra"}
+    assert record["match_rate"] == float(all(v == 1.0 for v in rates.values()))
     assert record["vae"] == vae_record
     assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
