@@ -45,7 +45,7 @@ def main() -> None:
             train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank, max_grad_norm=s.max_grad_norm)
             delta = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=s.eta).lora
 
-            def scores(text_lora, eta, beta):
+            def scores(text_lora, eta, beta, case=case, u=u):
                 images = tensor_to_images(counterfactual_sample(
                     backend, case.target_prompt, u, text_lora, (W.SIZE, W.SIZE), eta=eta, beta=beta,
                     steps=s.sample_steps, cfg=s.cfg, seed=0, num_images=args.seeds))

@@ -53,12 +53,11 @@ def child(args) -> dict:
     cuda = args.device == "cuda"
     comfy.cli_args.args.cpu = not cuda
     comfy.cli_args.args.base_directory = tempfile.mkdtemp(prefix="dac-bench-")
-    import numpy as np
-    import torch
-
     import comfy.model_management as mm
     import comfy.sd
     import comfy_tiny
+    import numpy as np
+    import torch
 
     if not cuda:
         mm.should_use_fp16 = lambda *a, **k: True  # ComfyUI stores and computes in fp16 as on a GPU

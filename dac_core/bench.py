@@ -65,7 +65,8 @@ def score(case: W.Case, image) -> Score:
         edit_ok = all(by_pos[p].ok for p in changed_positions if p in by_pos)
     kept = [o for p, o in by_pos.items() if p not in changed_positions]
     background = report.background_ok and (report.texture_ok or case.edit == "style")
-    extras = set(report.extra_objects) - ({o.position for o in case.source.objects} if case.edit == "removal" else set())
+    removed = {o.position for o in case.source.objects} if case.edit == "removal" else set()
+    extras = set(report.extra_objects) - removed
     # a style edit changes the whole background by design: there the PSNR outside the objects
     # measures the edit, not preservation, and is not required
     psnr_ok = case.edit == "style" or (report.psnr or 0) >= PSNR_MIN

@@ -65,7 +65,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
                 raise DACError(f"model file {model!r} is not a .safetensors or .ckpt checkpoint")
             return StableDiffusionPipeline.from_single_file(model, **kwargs)
         if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an "org/name" hub id
-            raise DACError(f"model {model!r} does not exist (expected a diffusers folder, a checkpoint file or a hub id)")
+            raise DACError(f"model {model!r} does not exist "
+                           "(expected a diffusers folder, a checkpoint file or a hub id)")
         return StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except DACError:
         raise
@@ -130,7 +131,8 @@ class DiffusersBackend(DACBackend):
 
     def _ids(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -319,7 +321,8 @@ class DiffusersBackend(DACBackend):
             for label, m in (("unet", self.unet), ("text_encoder", self.text_encoder), ("vae", self.vae)):
                 config = getattr(m, "config", None)
                 config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-                configs.append({k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"})
+                configs.append({k: v for k, v in config.items()
+                                if not k.startswith("_") and k != "transformers_version"})
                 tensors += [(f"{label}.{n.replace('.base_layer', '')}", p) for n, p in m.state_dict().items()
                             if "lora_" not in n]
             self._fingerprint = fingerprint_weights(tensors, json.dumps(configs, sort_keys=True, default=str))

@@ -137,7 +137,8 @@ def _load_state(final: str, key: str) -> TrainState | None:
 
 
 def _cached_stage(
-    label: str, final: str, key: str, train: Callable[[TrainState | None, Callable], object], progress: ProgressFactory | None
+    label: str, final: str, key: str, train: Callable[[TrainState | None, Callable], object],
+    progress: ProgressFactory | None,
 ) -> tuple[LoRA, list[float], bool]:
     """Reuse `final` if it was made with `key`; else train (resuming partial state) and save."""
     if os.path.exists(final):
@@ -279,7 +280,8 @@ def edit(
         "text_lora": os.path.abspath(text_path),
         "reused_unet_lora": reused_unet,
         "reused_text_lora": reused_text,
-        "final_loss": {"unet": unet_losses[-1] if unet_losses else None, "text": text_losses[-1] if text_losses else None},
+        "final_loss": {"unet": unet_losses[-1] if unet_losses else None,
+                       "text": text_losses[-1] if text_losses else None},
         "seconds": round(time.time() - t0, 2),
         "device": str(backend.device),
     }

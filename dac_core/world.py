@@ -160,7 +160,7 @@ def objects_mask(*scenes: Scene) -> np.ndarray:
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask(shape: str, size: str, position: str, dy: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 

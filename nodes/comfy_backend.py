@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import re
 
-import torch
-import torch.nn.functional as F
-
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
+import torch
+import torch.nn.functional as F
+
 from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from ..dac_core.errors import DACError
 from ..dac_core.lora import LoRA, LoRALayer, fitting_part, is_text_target, is_unet_target

@@ -15,13 +15,12 @@ from __future__ import annotations
 import types
 import uuid
 
-import torch
-
 import comfy.clip_model
 import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
+import torch
 
 TESTED_COMFYUI_VERSIONS = ("0.3.64",)
 

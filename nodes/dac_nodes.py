@@ -9,14 +9,13 @@ import contextlib
 import logging
 import os
 
-import torch
-from typing_extensions import override
-
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
+from typing_extensions import override
 
 from ..dac_core import stages
 from ..dac_core.errors import DACError

@@ -63,6 +63,7 @@ def import_comfy(path: str, base_directory: str | None = None) -> str:
     # The default database (used by main.py only) is <ComfyUI>/user/comfyui.db.
     args.database_url = "sqlite:///" + os.path.join(base_directory, "user", "comfyui.db")
     import folder_paths
+
     import nodes
 
     assert os.path.realpath(folder_paths.base_path) == os.path.realpath(base_directory)
@@ -109,14 +110,13 @@ def tiny_model(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
     """A ModelPatcher of a tiny SD1.x (epsilon) or SD2.x (v-prediction) model whose weights
     are stored in `dtype`. ComfyUI computes in the storage dtype unless it decides to cast
     (comfy.model_management.unet_manual_cast, asked here as a checkpoint loader would)."""
+    import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
     from comfy import model_base
 
     from dac_core.tiny import tiny_pipeline
-
-    import comfy.model_management
 
     config = {**unet_config(flavour), "dtype": dtype}
     cls = comfy.supported_models.SD15 if flavour == "sd1" else comfy.supported_models.SD20

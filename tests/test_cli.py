@@ -213,7 +213,7 @@ def test_grayscale_rgba_palette_and_16bit_photos_edit(tmp_path, source_image, ti
         "gray.png": source_image.convert("L"),
         "rgba.png": source_image.convert("RGBA"),
         "palette.png": source_image.convert("P"),
-        "deep.png": Image.fromarray((np.asarray(source_image.convert("L"), dtype=np.uint16) * 257)),
+        "deep.png": Image.fromarray(np.asarray(source_image.convert("L"), dtype=np.uint16) * 257),
     }
     for name, img in images.items():
         img.save(tmp_path / name)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+import comfy_tiny
 import numpy as np
 import pytest
 import torch
-
-import comfy_tiny
 
 COMFYUI = comfy_tiny.comfyui_path()
 pytestmark = comfy_tiny.NEEDS_COMFYUI

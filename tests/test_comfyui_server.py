@@ -20,9 +20,8 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-
 import comfy_tiny
+import pytest
 from conftest import ROOT, tree_changes, tree_state
 
 COMFYUI = comfy_tiny.comfyui_path()

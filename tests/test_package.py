@@ -50,3 +50,9 @@ def test_dac_core_never_imports_comfy():
             else:
                 continue
             assert not any(m == "comfy" or m.startswith(("comfy.", "comfy_")) for m in mods), (name, mods)
+
+
+def test_code_passes_ruff_with_the_configured_rules():
+    """pyproject's [tool.ruff.lint] rules, which include the registry's (no exec / eval)."""
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", ROOT], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

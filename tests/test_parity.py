@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import importlib
 
+import comfy_tiny
 import pytest
 import torch
-
-import comfy_tiny
 
 COMFYUI = comfy_tiny.comfyui_path()
 pytestmark = comfy_tiny.NEEDS_COMFYUI

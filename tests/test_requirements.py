@@ -15,12 +15,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 
-import pytest
-
 import comfy_tiny
+import pytest
+import tomllib
 from conftest import ROOT, tree_changes, tree_state
 
 COMFYUI = comfy_tiny.comfyui_path()

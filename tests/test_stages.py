@@ -293,6 +293,7 @@ def test_float16_training_skips_overflowing_steps_and_resumes_exactly(latents, m
     """float16 compute: float32 LoRA weights, loss scaling; steps with inf/nan gradients are
     skipped and counted; an interrupted run resumes with the scaler's state, to the bit."""
     from conftest import HugeLossScale
+
     from dac_core.diffusers_backend import DiffusersBackend
 
     monkeypatch.setattr(torch.amp, "GradScaler", HugeLossScale)

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 import workflow_tools as wt
 
 UI_PATHS = wt.ui_workflow_paths()
