@@ -27,8 +27,6 @@ The input MODEL and CLIP are cloned first; nothing is attached to them.
 
 from __future__ import annotations
 
-import re
-
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
@@ -106,21 +104,6 @@ def _existing(model: torch.nn.Module, key_map: dict, is_target) -> dict[str, str
     return {stem: key for stem, key in key_map.items() if isinstance(key, str) and is_target(stem) and key in weights}
 
 
-_TEXT_LAYER = re.compile(r"^(?:[^.]*\.)?(clip_\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
-
-
-def _affecting_output(keys: dict[str, str], clip) -> dict[str, str]:
-    """The text-encoder layers whose output reaches the UNet (not SD 2.x's unused layer 23):
-    only those are trained and saved, so the file fits diffusers' 23-layer SD 2.x encoder."""
-    used = internals.text_layers_used(clip)
-    out = {}
-    for stem, key in keys.items():
-        m = _TEXT_LAYER.match(key)
-        if m is None or int(m.group(2)) < used.get(m.group(1), 1 << 30):
-            out[stem] = key
-    return out
-
-
 def _model_output_and_target(kind: str, sigma, x_t, x0, noise, latents):
     """The UNet's own output (recovered from ComfyUI's x0) and its training target."""
     s = sigma.view(-1, 1, 1, 1).float()
@@ -169,7 +152,7 @@ class ComfyBackend(DACBackend):
         if self.clip is not None:
             self._clip_keys = _existing(self.clip.cond_stage_model,
                                         internals.text_lora_keys(self.clip), is_text_target)
-            self._clip_trained_keys = _affecting_output(self._clip_keys, self.clip)
+            self._clip_trained_keys = internals.keys_reaching_output(self._clip_keys, self.clip)
         self._fingerprint: str | None = None
         self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
         self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews

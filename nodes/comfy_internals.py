@@ -12,6 +12,7 @@ Tested with ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd84).
 
 from __future__ import annotations
 
+import re
 import types
 import uuid
 
@@ -104,6 +105,22 @@ def text_layers_used(clip) -> dict[str, int]:
             n = (idx % n) + 1
         used[name] = n
     return used
+
+
+_TEXT_LAYER = re.compile(r"^(?:[^.]*\.)?(clip_\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
+
+
+def keys_reaching_output(keys: dict[str, str], clip) -> dict[str, str]:
+    """The entries of `keys` (LoRA stem -> text-encoder weight key) whose layer reaches the
+    output (not SD 2.x's unused layer 23): only those are trained and saved, so the file fits
+    diffusers' 23-layer SD 2.x encoder. Keys outside the encoder layers are kept."""
+    used = text_layers_used(clip)
+    out = {}
+    for stem, key in keys.items():
+        m = _TEXT_LAYER.match(key)
+        if m is None or int(m.group(2)) < used.get(m.group(1), 1 << 30):
+            out[stem] = key
+    return out
 
 
 # --- diffusion model ------------------------------------------------------------------------
