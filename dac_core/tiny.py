@@ -1,18 +1,14 @@
 """Tiny Stable-Diffusion-shaped models, built from configs with seeded random weights.
 
-The one place that builds small random models: the test suite uses them. Their output is
-noise: the weights are random (the trained model of the synthetic world, which
-`dac-edit --demo` uses, is `dac_core.world_model`). They exercise every code path of the real SD 1.x / 2.x pipeline
+The test suite's models (built by `dac_core.build`). Their output is noise: the weights are
+random (the trained model of the synthetic world, which `dac-edit --demo` uses, is
+`dac_core.world_model`'s). They exercise every code path of the real SD 1.x / 2.x pipeline
 (same classes, same LoRA target layers) at a size that trains at ~50 steps/s on a CPU.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
-import torch
+from .build import build_sd_pipeline, byte_vocab, clip_tokenizer
 
 # SD 1.x-style: epsilon prediction, Conv2d proj_in/proj_out. SD 2.x-style: v-prediction,
 # linear projections. Both have every layer type DAC's UNet LoRA targets.
@@ -59,44 +55,6 @@ SCHEDULER_CONFIG = dict(
 FLAVOURS = ("sd1", "sd2")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def byte_vocab() -> dict[str, int]:
-    """CLIP's byte-level base vocabulary: every byte, alone and word-final ("</w>")."""
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    return vocab
-
-
-def clip_tokenizer(vocab: dict[str, int], merges: list[str]):
-    """A CLIPTokenizer (77 tokens) from a vocabulary and BPE merges; adds the two specials."""
-    from transformers import CLIPTokenizer
-
-    vocab = {**vocab, "<|startoftext|>": len(vocab)}
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-        tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
-    tok.model_max_length = 77
-    return tok
-
-
 def tiny_tokenizer():
     """A CLIPTokenizer over single bytes (no merges): one token per character, 77 max."""
     return clip_tokenizer(byte_vocab(), [])
@@ -104,37 +62,12 @@ def tiny_tokenizer():
 
 def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
     """A StableDiffusionPipeline of tiny random models; `flavour` "sd1" (epsilon) or "sd2" (v)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     sd2 = flavour == "sd2"
-    tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG, use_linear_projection=sd2)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **TEXT_CONFIG,
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG, prediction_type="v_prediction" if sd2 else "epsilon")
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return build_sd_pipeline({**UNET_CONFIG, "use_linear_projection": sd2}, VAE_CONFIG, TEXT_CONFIG,
+                             {**SCHEDULER_CONFIG, "prediction_type": "v_prediction" if sd2 else "epsilon"},
+                             tiny_tokenizer(), seed, order=("unet", "vae", "text_encoder"))
 
 
 def save_tiny_model(path: str, flavour: str = "sd1", seed: int = 0) -> str:

@@ -142,7 +142,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as W
-from .tiny import byte_vocab, clip_tokenizer
+from .build import build_sd_pipeline, byte_vocab, clip_tokenizer
 
 log = logging.getLogger("dac_core")
 
@@ -246,24 +246,13 @@ def world_tokenizer():
 
 def build_pipeline(seed: int = 0):
     """The untrained pipeline (random weights from `seed`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = world_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        # posterior std 0.007 everywhere, and it stays there: `train_vae` never samples
-        with torch.no_grad():
-            vae.quant_conv.weight[VAE_CONFIG["latent_channels"]:] = 0.0
-            vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = -10.0
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            **TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = build_sd_pipeline(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG, world_tokenizer(), seed,
+                             order=("vae", "unet", "text_encoder"))
+    # posterior std 0.007 everywhere, and it stays there: `train_vae` never samples
+    with torch.no_grad():
+        pipe.vae.quant_conv.weight[VAE_CONFIG["latent_channels"]:] = 0.0
+        pipe.vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = -10.0
+    return pipe
 
 
 def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list]:
