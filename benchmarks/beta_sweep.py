@@ -3,7 +3,7 @@
 On cases other than the benchmark's (`world.default_cases(2, seed=1)`: 2 per edit type),
 for each Abduction-1 length it fits U and Δ once per case, then samples Abduction-1 only
 (U, no Δ, no annealing) and DAC at each beta, with the benchmark's settings, seeds and
-scores (`dac_core.bench`). Prints edit / keep / joint counts and mean PSNR per setting.
+scores (`dac_core.world.bench`). Prints edit / keep / joint counts and mean PSNR per setting.
 
     python benchmarks/beta_sweep.py [--unet-steps 200,600] [--betas 0,0.25,0.5,1] [--json out.json]
 """
@@ -14,13 +14,13 @@ import argparse
 import time
 from collections import defaultdict
 
-from dac_core import bench as B
 from dac_core import world as W
+from dac_core.demo import shipped_model_path
 from dac_core.diffusers_backend import DiffusersBackend
 from dac_core.files import write_json
 from dac_core.image import image_to_tensor, tensor_to_images
 from dac_core.stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
-from dac_core.world_model import shipped_model_path
+from dac_core.world import bench as B
 
 
 def main() -> None:

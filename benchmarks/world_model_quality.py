@@ -20,11 +20,13 @@ import collections
 import math
 import time
 
-from dac_core import bench as B
 from dac_core import world as W
-from dac_core import world_model as M
+from dac_core.demo import shipped_model_path
 from dac_core.diffusers_backend import load_pipeline
 from dac_core.files import write_json
+from dac_core.world import bench as B
+from dac_core.world.evaluate import evaluate
+from dac_core.world.train import training_captions
 
 
 def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -35,7 +37,7 @@ def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 class Failures:
-    """Tally of why images fail the checker (`on_image` for `world_model.evaluate`)."""
+    """Tally of why images fail the checker (`on_image` for `dac_core.world.evaluate.evaluate`)."""
 
     def __init__(self):
         self.images = collections.Counter()  # failed images by what is wrong in them
@@ -73,16 +75,16 @@ def main() -> None:
     parser.add_argument("--why", action="store_true", help="also sort the failed images by what is wrong")
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model or M.shipped_model_path())
+    pipe = load_pipeline(args.model or shipped_model_path())
     if args.sampler == "euler-ancestral":
         from diffusers import EulerAncestralDiscreteScheduler
 
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    unseen_only = M.training_captions()
+    unseen_only = training_captions()
     start = time.time()
     failures = Failures() if args.why else None
-    rates = M.evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance, exclude=unseen_only,
-                       on_image=failures)
+    rates = evaluate(pipe, n=args.captions, seed=args.seed, steps=args.steps, cfg=args.guidance, exclude=unseen_only,
+                     on_image=failures)
     seconds = time.time() - start
     low, high = wilson(rates["all"], args.captions)
     env = B.environment("cpu")

@@ -1,6 +1,6 @@
 """Stable Diffusion pipelines made from configs with seeded random weights, and CLIP
 tokenizers made from a vocabulary: the one builder behind the tiny test models
-(`dac_core.tiny`) and the world model before its training (`dac_core.world_model`)."""
+(`dac_core.tiny`) and the world model before its training (`dac_core.world.model`)."""
 
 from __future__ import annotations
 

@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:  # the demo's case, and the settings scaled to the world model, unless given
-        from .world_model import DAC_SETTINGS, DEMO_CASE
+        from .demo import DAC_SETTINGS, SOURCE_PROMPT, TARGET_PROMPT
 
-        parser.set_defaults(**DAC_SETTINGS, source=DEMO_CASE.source_prompt, target=DEMO_CASE.target_prompt)
+        parser.set_defaults(**DAC_SETTINGS, source=SOURCE_PROMPT, target=TARGET_PROMPT)
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dac-edit: %(message)s", stream=sys.stderr)
     _quiet_libraries()
@@ -208,10 +208,10 @@ def _run(args) -> int:
     image = args.image
     model = args.model
     if args.demo:
-        from .world_model import DEMO_SOURCE, shipped_model_path
+        from .demo import SOURCE_IMAGE, shipped_model_path
 
         model = model or shipped_model_path()
-        image = image or DEMO_SOURCE
+        image = image or SOURCE_IMAGE
     params = EditParams(
         source=args.source, target=args.target, model=model or EditParams.model,
         unet_steps=args.unet_steps, te_steps=args.te_steps, unet_rank=args.unet_rank, te_rank=args.te_rank,

@@ -2,7 +2,7 @@
 
 The test suite's models (built by `dac_core.build`). Their output is noise: the weights are
 random (the trained model of the synthetic world, which `dac-edit --demo` uses, is
-`dac_core.world_model`'s). They exercise every code path of the real SD 1.x / 2.x pipeline
+`dac_core.world.model`'s). They exercise every code path of the real SD 1.x / 2.x pipeline
 (same classes, same LoRA target layers) at a size that trains at ~50 steps/s on a CPU.
 """
 

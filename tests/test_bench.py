@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from dac_core import bench
 from dac_core import world as W
+from dac_core.world import bench
 
 
 @pytest.mark.parametrize("edit", W.EDIT_TYPES)

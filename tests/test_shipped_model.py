@@ -8,11 +8,14 @@ import os
 import pytest
 import torch
 
-from dac_core import bench
+from dac_core import demo
 from dac_core import world as W
-from dac_core import world_model as M
+from dac_core.world import bench
+from dac_core.world import evaluate as E
+from dac_core.world import model as M
+from dac_core.world import train as T
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(M.SHIPPED, "model_index.json")),
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(demo.SHIPPED_MODEL, "model_index.json")),
                                 reason="no world model in dac_core/assets/world_model")
 
 
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(M.SHIPPED, "mode
 def backend():
     from dac_core.diffusers_backend import DiffusersBackend
 
-    return DiffusersBackend.from_model(M.shipped_model_path(), device="cpu")
+    return DiffusersBackend.from_model(demo.shipped_model_path(), device="cpu")
 
 
 def test_shipped_model_loads_as_the_documented_architecture(backend):
@@ -32,7 +35,7 @@ def test_shipped_model_loads_as_the_documented_architecture(backend):
     for model in (pipe.vae, pipe.unet, pipe.text_encoder):
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in M.WORDS)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(M.SHIPPED) for f in fs)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(demo.SHIPPED_MODEL) for f in fs)
     assert size <= 30 * 2**20
 
 
@@ -40,7 +43,7 @@ def test_shipped_model_draws_what_unseen_captions_say(backend):
     # 12 scenes of the evaluation stream (not in the training set); the full figure (50 scenes)
     # is in assets/world_model/training.json, 200 in the README (every attribute right: 97.5%;
     # shapes 99.6%, textures 98.5%). Asserted: what a 12-image sample tells reliably
-    rates = M.evaluate(backend.pipe, n=12, exclude=M.training_captions())
+    rates = E.evaluate(backend.pipe, n=12, exclude=T.training_captions())
     for attribute in ("background", "texture", "position", "colour", "size", "shape", "no_extra"):
         assert rates[attribute] >= 0.9, rates
     assert rates["all"] >= 0.8, rates  # the issue's bar is 90% of many; 12 images vary more
@@ -58,15 +61,15 @@ def test_demo_edit_changes_the_colour_and_keeps_the_rest(tmp_path, capsys):
     work = tmp_path / "work"
     assert main(["--demo", "--workdir", str(work)]) == 0
     record = json.loads((work / "dac_edit.json").read_text())
-    assert record["image"] == M.DEMO_SOURCE and record["params"]["model"] == M.SHIPPED
-    assert record["params"]["source"] == M.DEMO_CASE.source_prompt
-    assert record["params"]["target"] == M.DEMO_CASE.target_prompt
-    assert {k: record["params"][k] for k in M.DAC_SETTINGS} == M.DAC_SETTINGS
-    result = bench.score(M.DEMO_CASE, Image.open(work / "edit.png"))
+    assert record["image"] == demo.SOURCE_IMAGE and record["params"]["model"] == demo.SHIPPED_MODEL
+    assert record["params"]["source"] == W.DEMO_CASE.source_prompt
+    assert record["params"]["target"] == W.DEMO_CASE.target_prompt
+    assert {k: record["params"][k] for k in demo.DAC_SETTINGS} == demo.DAC_SETTINGS
+    result = bench.score(W.DEMO_CASE, Image.open(work / "edit.png"))
     assert result.edit_ok, "the circle did not turn green"
     # the rest: the square and the background colour stay, and the pixels outside the objects
     # (the stripes) keep the benchmark's 20 dB (28.5 measured)
-    report = W.check(M.DEMO_CASE.target, Image.open(work / "edit.png"))
+    report = W.check(W.DEMO_CASE.target, Image.open(work / "edit.png"))
     square = next(o for o in report.objects if o.expected.position == "right")
     assert square.ok and report.background_ok and not report.extra_objects, report
     assert result.psnr >= bench.PSNR_MIN, result

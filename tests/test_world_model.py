@@ -1,11 +1,14 @@
-"""The world model's pieces that do not need a trained model."""
+"""The world model's pieces that do not need a trained model, and the demo's constants."""
 
 import random
 
 import numpy as np
 
+from dac_core import demo
 from dac_core import world as W
-from dac_core import world_model as M
+from dac_core.world import model as M
+from dac_core.world import train as T
+from dac_core.world.checker import _dilate
 
 
 def test_every_world_word_is_one_token_and_captions_fit():
@@ -27,12 +30,20 @@ def test_pipeline_shapes():
     assert image.shape == (1, W.SIZE, W.SIZE, 3)
 
 
-def test_bundled_demo_source_is_the_rendered_demo_scene():
+def test_the_demo_prompts_are_the_captions_of_the_demo_case():
+    # dac_core.demo (the library's, no scenes) and the lab's DEMO_CASE describe one edit
+    assert demo.SOURCE_PROMPT == W.DEMO_CASE.source_prompt
+    assert demo.TARGET_PROMPT == W.DEMO_CASE.target_prompt
+
+
+def test_bundled_demo_source_is_the_rendered_demo_scene(tmp_path):
     from PIL import Image
 
-    bundled = np.asarray(Image.open(M.DEMO_SOURCE).convert("RGB"))
-    assert np.array_equal(bundled, np.asarray(W.render(M.DEMO_CASE.source)))
-    assert W.check(M.DEMO_CASE.source, Image.open(M.DEMO_SOURCE)).all_ok
+    bundled = np.asarray(Image.open(demo.SOURCE_IMAGE).convert("RGB"))
+    W.write_demo_source(str(tmp_path / "source.png"))
+    assert np.array_equal(bundled, np.asarray(Image.open(tmp_path / "source.png").convert("RGB")))
+    assert np.array_equal(bundled, np.asarray(W.render(W.DEMO_CASE.source)))
+    assert W.check(W.DEMO_CASE.source, Image.open(demo.SOURCE_IMAGE)).all_ok
 
 
 def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
@@ -43,8 +54,8 @@ def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
     pipe = M.build_pipeline(0)
     vae_before = pipe.vae.decoder.conv_out.weight.clone()
     unet_before = pipe.unet.conv_out.weight.clone()
-    assert all(torch.isfinite(torch.tensor(M.train_vae(pipe, 3))))
-    assert all(torch.isfinite(torch.tensor(M.train_unet(pipe, 3, batch_size=4, dataset_size=16))))
+    assert all(torch.isfinite(torch.tensor(T.train_vae(pipe, 3))))
+    assert all(torch.isfinite(torch.tensor(T.train_unet(pipe, 3, batch_size=4, dataset_size=16))))
     assert not torch.equal(vae_before, pipe.vae.decoder.conv_out.weight)
     assert not torch.equal(unet_before, pipe.unet.conv_out.weight)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the world's latents
@@ -52,7 +63,7 @@ def test_a_few_training_steps_change_the_weights_and_save_as_float16(tmp_path):
 
     pipe.vae.save_pretrained(str(tmp_path / "vae_stage"))  # as the training command reuses its VAE stage
     pipe.vae = AutoencoderKL.from_pretrained(str(tmp_path / "vae_stage"))
-    M.save_model(pipe, str(tmp_path / "m"))
+    T.save_model(pipe, str(tmp_path / "m"))
     assert "vae_stage" not in (tmp_path / "m" / "vae" / "config.json").read_text()  # no path of this machine
     weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
     from safetensors import safe_open
@@ -68,12 +79,12 @@ def test_object_masks_cover_the_objects_at_latent_size_and_nothing_far_from_them
     rng = random.Random(4)
     for _ in range(30):
         scene = W.random_scene(rng)
-        mask = M.latent_object_mask(scene, W.SIZE // 2).numpy()
+        mask = T.latent_object_mask(scene, W.SIZE // 2).numpy()
         assert mask.shape == (W.SIZE // 2, W.SIZE // 2)
         pixels = W.objects_mask(scene)
         ys, xs = np.nonzero(pixels)
         assert mask[ys // 2, xs // 2].all()  # every object pixel's latent pixel, outlines included
-        ys, xs = np.nonzero(~W._dilate(pixels, 4))  # 4 pixels from every object: 2 latent pixels at least
+        ys, xs = np.nonzero(~_dilate(pixels, 4))  # 4 pixels from every object: 2 latent pixels at least
         assert not mask[ys // 2, xs // 2].any()
         assert 0.02 < mask.mean() < 0.5
 
@@ -82,35 +93,33 @@ def test_scene_labels_are_what_the_caption_says():
     rng = random.Random(3)
     for _ in range(50):
         scene = W.random_scene(rng)
-        labels = M.scene_labels(scene)
-        assert len(labels) == len(M.LABEL_CLASSES)
-        assert all(0 <= label < n for label, n in zip(labels, M.LABEL_CLASSES))
+        labels = T.scene_labels(scene)
+        assert len(labels) == len(T.LABEL_CLASSES)
+        assert all(0 <= label < n for label, n in zip(labels, T.LABEL_CLASSES))
         assert sum(label > 0 for label in labels[2::3]) == len(scene.objects)  # one shape per object
         # details no caption names do not change them
         moved = W.Scene(scene.background, scene.texture, tuple(W.Obj(o.shape, o.colour, o.size, o.position, -o.dy)
                                                                 for o in scene.objects), (scene.phase + 3) % W.STRIPE)
-        assert M.scene_labels(moved) == labels
+        assert T.scene_labels(moved) == labels
     a = W.Scene("red", "plain", (W.Obj("circle", "blue", "small", "left"),))
     b = W.Scene("red", "plain", (W.Obj("circle", "blue", "small", "right"),))
-    assert M.scene_labels(a) != M.scene_labels(b)
+    assert T.scene_labels(a) != T.scene_labels(b)
 
 
 def test_text_pre_training_learns_and_the_unet_stage_leaves_the_text_encoder_alone():
     import torch
 
     pipe = M.build_pipeline(0)
-    losses = M.train_text_encoder(pipe, 40, batch_size=16)
+    losses = T.train_text_encoder(pipe, 40, batch_size=16)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # (still warming up)
     assert not pipe.text_encoder.training and not any(q.requires_grad for q in pipe.text_encoder.parameters())
     before = [q.clone() for q in pipe.text_encoder.parameters()]
-    M.train_unet(pipe, 2, batch_size=2, dataset_size=4)
+    T.train_unet(pipe, 2, batch_size=2, dataset_size=4)
     assert all(torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters()))
-    M.train_unet(pipe, 2, batch_size=2, dataset_size=4, train_text=True)  # the old joint training
-    assert not all(torch.equal(a, b) for a, b in zip(before, pipe.text_encoder.parameters()))
 
 
 def test_training_captions_are_excluded_from_the_evaluation():
-    seen = M.training_captions(n=200, seed=1)
+    seen = T.training_captions(n=200, seed=1)
     assert len(seen) > 150
     rng = random.Random(1)
     assert W.caption(W.random_scene(rng)) in seen  # the same stream as the encoded training set
@@ -123,11 +132,11 @@ def test_training_command_writes_records_and_reuses_its_vae(tmp_path, caplog):
     out = tmp_path / "wm"
     small = ["--out", str(out), "--vae-steps", "2", "--text-steps", "2", "--dataset-size", "8", "--batch-size", "2",
              "--eval", "1"]
-    M.main([*small, "--unet-steps", "0"])  # the VAE stage alone
+    T.main([*small, "--unet-steps", "0"])  # the VAE stage alone
     vae_record = json.loads((out / "training_vae.json").read_text())
     assert vae_record["settings"] == {"seed": 0, "vae_steps": 2} and 0 <= vae_record["match_rate"] <= 1
     with caplog.at_level(logging.INFO, logger="dac_core"):
-        M.main([*small, "--unet-steps", "2"])
+        T.main([*small, "--unet-steps", "2"])
     assert "reusing the VAE" in caplog.text
     record = json.loads((out / "training.json").read_text())
     assert record["text_steps"] == 2 and record["text_final_loss"] > 0

@@ -11,7 +11,7 @@ checker (`dac_core.world.check`) scores each output against the target spec:
 
 Thresholds are fixed here, before any run: PSNR_MIN = 20 dB.
 
-    python -m dac_core.bench --model PATH [--cases FILE] [--seeds K] [--json OUT]
+    python -m dac_core.world.bench [--model PATH] [--cases FILE] [--seeds K] [--json OUT]
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from . import world as W
-from .errors import DACError
-from .files import atomic_path, write_json
-from .image import image_to_tensor, tensor_to_images, wrap
-from .stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
-from .world_model import DAC_SETTINGS, shipped_model_path
+from .. import world as W
+from ..demo import DAC_SETTINGS, shipped_model_path
+from ..errors import DACError
+from ..files import atomic_path, write_json
+from ..image import image_to_tensor, tensor_to_images, wrap
+from ..stages import TrainSettings, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 
 log = logging.getLogger("dac_core")
 PSNR_MIN = 20.0
@@ -76,7 +76,7 @@ def score(case: W.Case, image) -> Score:
 
 @dataclass
 class Settings:
-    """DAC's settings on the world model (defaults: `world_model.DAC_SETTINGS`); every method
+    """DAC's settings on the world model (defaults: `dac_core.demo.DAC_SETTINGS`); every method
     samples with the same steps and guidance."""
 
     unet_steps: int = DAC_SETTINGS["unet_steps"]
@@ -168,7 +168,7 @@ def run(model: str, cases: list[W.Case], s: Settings, seeds: int = 1, device: st
         methods=METHODS) -> dict:
     """Every method on every case; returns the scores (and, per case, the first seed's images
     under "images", for the picture grid)."""
-    from .diffusers_backend import DiffusersBackend
+    from ..diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend.from_model(model, device=device)
     results: dict = {"settings": asdict(s), "seeds": seeds, "model": os.path.basename(os.path.normpath(model)),
