@@ -20,8 +20,9 @@ def trained(make_backend, latents):
     """A backend with a trained UNet LoRA and text-encoder LoRA (both active at +1)."""
     be = make_backend("sd1")
     lat = be.encode_image(latents)
-    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=15, lr=1e-2, rank=4)).lora
-    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=15, lr=1e-2), eta=0.8).lora
+    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=15, learning_rate=1e-2, rank=4)).lora
+    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=15, learning_rate=1e-2),
+                                eta=0.8).lora
     be.set_lora_scale(UNET, 1.0)
     be.set_lora_scale(TEXT_DELTA, 1.0)
     return be, u, d

@@ -67,8 +67,8 @@ REFERENCE_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 SOURCE, TARGET, NEGATIVE = "a red disc", "a red disc with a hat", ""
 ETA, BETA, CFG = 0.8, 0.75, 4.0  # beta != 1, so the strength -beta is checked, not only the sign
 SAMPLING_STEPS, SAMPLING_SEED, SIZE = 4, 29, (64, 64)
-U_SETTINGS = stages.TrainSettings(steps=8, lr=1e-3, rank=8, seed=7)
-DELTA_SETTINGS = stages.TrainSettings(steps=6, lr=1e-3, rank=4, seed=11)
+U_SETTINGS = stages.TrainSettings(steps=8, learning_rate=1e-3, rank=8, seed=7)
+DELTA_SETTINGS = stages.TrainSettings(steps=6, learning_rate=1e-3, rank=4, seed=11)
 
 
 def reference_gamma(t: int, eta: float) -> float:
@@ -137,7 +137,7 @@ def reference_fit(pipe, params, mean, std, prompt, s, eta=None):
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     ids = token_ids(pipe, prompt)
     g = torch.Generator().manual_seed(s.seed)
     losses = []
