@@ -24,13 +24,18 @@ the image each step and draws the latent with the VAE; the latent distribution h
 encoded once, and both sides multiply the same scaled mean and std.)
 
 Compared with `abduct_unet_lora`, `abduct_text_lora` and `counterfactual_sample(...,
-decode=False)` on one `DiffusersBackend`, on the tiny SD1 (epsilon) and SD2 (v-prediction)
-models: the loss at every step, every layer's down and up weights of U and Delta, and the
+decode=False)` on one `DiffusersBackend` with every LoRA on the activations
+(lora_path="activation", what peft computes, op for op), on the tiny SD1 (epsilon) and SD2
+(v-prediction) models: the loss at every step, every layer's down and up weights of U and Delta, and the
 final latents. Measured (2 CPU cores, torch 2.14.1, diffusers 0.42.1, peft 0.21.2):
 all of them bit for bit equal, for both models, with 1 and with 2 torch threads; so the
 tests use no tolerance. The two chains take about 3 s per model; the module about 13 s with
 its imports. They run on one torch thread: the ops are tiny, and with two OpenMP threads a
 busy second core made the same module take 137 s instead.
+
+The default backend (each LoRA layer through the weights or on the activations, whichever
+is cheaper) is compared with the activation path to float rounding
+(`test_the_default_lora_path_gives_the_references_results_to_float_rounding`).
 
 The annealing schedule is also compared on its own for every t
 (`test_annealing_schedule_matches_the_reference_formula`): DiffusersBackend.sample builds
