@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 
 from dac_core import world as W
-from dac_core.demo import shipped_model_path
+from dac_core.demo import model_path
 from dac_core.diffusers_backend import DiffusersBackend
 from dac_core.files import write_json
 from dac_core.image import image_to_tensor, tensor_to_images
@@ -33,22 +33,22 @@ def main() -> None:
     p.add_argument("--json", help="write every score here")
     args = p.parse_args()
     s = B.Settings()
-    backend = DiffusersBackend.from_model(args.model or shipped_model_path(), device="cpu")
+    backend = DiffusersBackend.from_model(args.model or model_path(), device="cpu")
     cases = W.default_cases(args.per_type, seed=1)
     rows = []
     start = time.time()
     for k, case in enumerate(cases):
         latents = backend.encode_image(image_to_tensor(W.render(case.source), (W.SIZE, W.SIZE)))
         for unet_steps in (int(x) for x in args.unet_steps.split(",")):
-            train_u = TrainSettings(unet_steps, s.lr, s.unet_rank, max_grad_norm=s.max_grad_norm)
+            train_u = TrainSettings(unet_steps, s.learning_rate, s.unet_rank, max_grad_norm=s.max_grad_norm)
             u = abduct_unet_lora(backend, latents, case.source_prompt, train_u).lora
-            train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank, max_grad_norm=s.max_grad_norm)
+            train_delta = TrainSettings(s.text_steps, s.learning_rate, s.text_rank, max_grad_norm=s.max_grad_norm)
             delta = abduct_text_lora(backend, latents, case.target_prompt, u, train_delta, eta=s.eta).lora
 
             def scores(text_lora, eta, beta, case=case, u=u):
                 images = tensor_to_images(counterfactual_sample(
                     backend, case.target_prompt, u, text_lora, (W.SIZE, W.SIZE), eta=eta, beta=beta,
-                    steps=s.sample_steps, cfg=s.cfg, seed=0, num_images=args.seeds))
+                    steps=s.sample_steps, cfg=s.cfg, seed=0, batch_size=args.seeds))
                 return [B.score(case, image) for image in images]
 
             settings = {"Abduction-1 only": scores(None, 1.0, 1.0)}

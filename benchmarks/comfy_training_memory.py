@@ -21,28 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+from _env import cpu_name, peak_rss_mb, rss_mb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(args) -> dict:
@@ -71,7 +58,7 @@ def child(args) -> dict:
     from dac_core.tiny import demo_image
 
     image = torch.from_numpy(np.asarray(demo_image((args.size, args.size)), dtype=np.float32) / 255)[None]
-    loaded_rss = _rss_mb()
+    loaded_rss = rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -85,9 +72,9 @@ def child(args) -> dict:
         nodes.AbductTextLoRA.execute(model, clip, vae, image, "a red disc with a hat", u, 0.8, args.steps, 1e-4, 4,
                                      42, args.dtype)
     t2 = time.perf_counter()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = peak_rss_mb()
     return {
-        "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "dtype": args.dtype, "device": torch.cuda.get_device_name() if cuda else cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "rank": args.rank,
         "size": args.size, "loaded_rss_mb": round(loaded_rss), "peak_rss_mb": round(peak_rss),
         "training_added_mb": round(peak_rss - loaded_rss),

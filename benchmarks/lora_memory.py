@@ -11,15 +11,9 @@ The base model comes on top (SD 1.5 fp32 about 4 GB for UNet + text encoder + VA
 from __future__ import annotations
 
 import torch
+from sd_shapes import CLIP_L, OPENCLIP_H, SD15, SD21
 
 from dac_core.lora import TEXT_TARGETS, UNET_TARGETS
-
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8)
-SD21 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16)
 
 
 def lora_parameters(model: torch.nn.Module, targets, rank: int) -> int:

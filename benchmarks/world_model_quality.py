@@ -21,7 +21,7 @@ import math
 import time
 
 from dac_core import world as W
-from dac_core.demo import shipped_model_path
+from dac_core.demo import model_path
 from dac_core.diffusers_backend import load_pipeline
 from dac_core.files import write_json
 from dac_core.world import bench as B
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--why", action="store_true", help="also sort the failed images by what is wrong")
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model or shipped_model_path())
+    pipe = load_pipeline(args.model or model_path())
     if args.sampler == "euler-ancestral":
         from diffusers import EulerAncestralDiscreteScheduler
 

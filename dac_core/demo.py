@@ -30,11 +30,11 @@ TARGET_PROMPT = "a large green circle on the left and a small yellow square on t
 # benchmark (`dac_core.world.bench`).
 # Clipped at norm 1 (paper defaults: no clipping): every figure of the demo and the
 # benchmark was measured so.
-DAC_SETTINGS = dict(unet_steps=200, te_steps=40, unet_rank=32, te_rank=4, lr=5e-4, max_grad_norm=1.0,
-                    eta=0.8, sample_steps=16, cfg=4.0)
+SETTINGS = dict(unet_steps=200, text_steps=40, unet_rank=32, text_rank=4, learning_rate=5e-4, max_grad_norm=1.0,
+                eta=0.8, sample_steps=16, cfg=4.0)  # names of dac_core.params
 
 
-def shipped_model_path() -> str:
+def model_path() -> str:
     """The world model that ships with the package (a diffusers folder)."""
     if not os.path.isfile(os.path.join(SHIPPED_MODEL, "model_index.json")):
         from .errors import DACError

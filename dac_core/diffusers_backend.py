@@ -1,9 +1,10 @@
 """DAC on diffusers + peft: Stable Diffusion 1.x and 2.x, epsilon and v-prediction.
 
-LoRAs are peft adapters injected into the pipeline's own UNet and CLIP text encoder with
-the reference code's target modules. The UNet LoRA's per-sample strength gamma(t) is set
-by a forward pre-hook on each LoRA layer, which shapes the [B] strengths to the layer's
-input, so one batch can mix timesteps (the reference is limited to batch size 1).
+LoRAs sit on the reference code's target layers of the pipeline's own UNet and CLIP text
+encoder, as `lora_layers.LoRAHost` wrappers that apply each LoRA through the weights or on
+the activations, whichever is cheaper for the layer (`lora_path` forces one: "activation"
+computes what peft computes, op for op). The UNet LoRA's strength gamma(t) may be given per
+sample, so one batch can mix timesteps (the reference is limited to batch size 1).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from .errors import DACError
-from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, LoRALayer, fitting_part, text_encoder_stem, unet_stem
+from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, fitting_part, text_encoder_stem, unet_stem
+from .lora_layers import PATHS, LoRAHost, hosts
 
 log = logging.getLogger("dac_core")
 
@@ -78,16 +79,15 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
         ) from None
 
 
-def _lora_layers(model: torch.nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
 class DiffusersBackend(DACBackend):
-    def __init__(self, pipe, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None):
+    def __init__(self, pipe, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
+                 lora_path: str = "auto"):
+        """`lora_path`: "auto" (each layer the cheaper way), "weight" or "activation"."""
         from diffusers import DDPMScheduler
 
+        if lora_path not in PATHS:
+            raise DACError(f"lora_path must be one of {', '.join(PATHS)}, got {lora_path!r}")
+        self.lora_path = lora_path
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.dtype = resolve_dtype(dtype)
         self.training_dtype = self.dtype  # the model computes in its weights' dtype; LoRAs stay float32
@@ -105,15 +105,15 @@ class DiffusersBackend(DACBackend):
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.unet.config.in_channels
         self.native_side = self.unet.config.sample_size * self.latent_factor
-        self._unet_scale: float | torch.Tensor = 1.0
-        self._hooks: list = []
+        self._module_names: dict[str, dict[str, str]] = {}  # LoRA name -> stem -> module name
         self._fingerprint: str | None = None
 
     @classmethod
-    def from_model(cls, model: str, device: str | None = "cpu", dtype: str | None = None) -> DiffusersBackend:
+    def from_model(cls, model: str, device: str | None = "cpu", dtype: str | None = None,
+                   lora_path: str = "auto") -> DiffusersBackend:
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
-        return cls(load_pipeline(model, dt), dev, dt)
+        return cls(load_pipeline(model, dt), dev, dt, lora_path)
 
     # --- images and prompts -------------------------------------------------------------
     @torch.no_grad()
@@ -156,127 +156,64 @@ class DiffusersBackend(DACBackend):
     def _stem(self, name: str, module_name: str) -> str:
         return unet_stem(module_name) if name == UNET else text_encoder_stem(module_name)
 
-    def _targets(self, name: str) -> dict[str, torch.nn.Module]:
-        """stem -> base module, for every layer DAC targets in that model."""
-        from peft.tuners.lora import LoraLayer
-
-        targets = UNET_TARGETS if name == UNET else TEXT_TARGETS
-        out = {}
-        for n, m in self._model_of(name).named_modules():
-            if isinstance(m, LoraLayer):
-                m = m.get_base_layer()
-            elif ".base_layer" in n or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            if any(n == t or n.endswith("." + t) for t in targets):
-                out[self._stem(name, n)] = m
-        return out
+    def _targets(self, name: str) -> dict[str, str]:
+        """stem -> module name, for every layer DAC targets in that model."""
+        if name not in self._module_names:
+            targets = UNET_TARGETS if name == UNET else TEXT_TARGETS
+            out = {}
+            for n, m in self._model_of(name).named_modules():
+                if ".base_layer" in n or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, LoRAHost)):
+                    continue
+                if any(n == t or n.endswith("." + t) for t in targets):
+                    out[self._stem(name, n)] = n
+            self._module_names[name] = out
+        return self._module_names[name]
 
     def lora_shapes(self, name):
-        return {stem: m.weight.shape for stem, m in self._targets(name).items()}
+        model = self._model_of(name)
+        return {stem: model.get_submodule(n).weight.shape for stem, n in self._targets(name).items()}
 
     def attach_lora(self, name, lora, trainable=False):
-        from peft import LoraConfig, inject_adapter_in_model
-
         model = self._model_of(name)
         self.detach_lora(name)
         targets = self._targets(name)
-        part = fitting_part(lora, name == UNET, {s: m.weight.shape for s, m in targets.items()})
-        modules = {self._module_name(name, s): s for s in part.layers}
-        ranks = {n: part.layers[s].rank for n, s in modules.items()}
-        alphas = {n: part.layers[s].alpha for n, s in modules.items()}
-        r = max(ranks.values())
-        config = LoraConfig(
-            r=r, lora_alpha=r, target_modules=list(modules), init_lora_weights=True,
-            rank_pattern={n: v for n, v in ranks.items() if v != r}, alpha_pattern=alphas,
-        )
-        with warnings.catch_warnings():  # a second adapter on one model is intended here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            inject_adapter_in_model(config, model, adapter_name=name)
-        layers = _lora_layers(model)
-        active = sorted({a for _, m in layers for a in m.lora_A.keys()})
-        for module_name, m in layers:
-            if name not in m.lora_A:
-                continue
-            m.set_adapter(active)  # peft marks every active adapter trainable; fixed below
-            layer = part.layers[self._stem(name, module_name)]
-            m.lora_A[name].float()  # LoRA weights stay float32 whatever the model's dtype (peft
-            m.lora_B[name].float()  # casts the input to them and the sum back to the model's dtype)
-            m.lora_A[name].weight.data.copy_(layer.down.to(m.lora_A[name].weight))
-            m.lora_B[name].weight.data.copy_(layer.up.to(m.lora_B[name].weight))
-        trainable_names = {name} if trainable else set()
+        part = fitting_part(lora, name == UNET, self.lora_shapes(name))
         params = []
-        for _, m in layers:
-            for adapter in m.lora_A.keys():
-                for p in (*m.lora_A[adapter].parameters(), *m.lora_B[adapter].parameters()):
-                    p.requires_grad_(adapter in trainable_names)
-                    if adapter in trainable_names:
-                        params.append(p)
-        for p in model.parameters():
-            if not any(p is q for q in params):
+        for stem, module_name in targets.items():  # in the model's order, whatever the LoRA's
+            layer = part.layers.get(stem)
+            if layer is None:
+                continue
+            host = model.get_submodule(module_name)
+            if not isinstance(host, LoRAHost):
+                parent_name, _, child = module_name.rpartition(".")
+                host = LoRAHost(host, self.lora_path)
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, host)
+            params += host.add(name, layer, trainable)
+        training = {id(p) for p in params}
+        for p in model.parameters():  # only this LoRA trains, if it does
+            if id(p) not in training:
                 p.requires_grad_(False)
-        if name == UNET:
-            self._unet_scale = 1.0
-            self._hooks = [m.register_forward_pre_hook(self._scale_hook) for _, m in layers if UNET in m.lora_A]
         return params
-
-    def _module_name(self, name: str, stem: str) -> str:
-        for n, _ in self._model_of(name).named_modules():
-            if self._stem(name, n) == stem:
-                return n
-        raise DACError(f"LoRA layer {stem} has no module in this model")
-
-    def _scale_hook(self, module, args):
-        scale = self._unet_scale
-        base = module.lora_alpha[UNET] / module.r[UNET]
-        if isinstance(scale, torch.Tensor):
-            x = args[0]
-            if scale.shape[0] != x.shape[0]:
-                raise ValueError(f"UNet LoRA strength has {scale.shape[0]} entries for a batch of {x.shape[0]}")
-            module.scaling[UNET] = base * scale.to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        else:
-            module.scaling[UNET] = base * scale
 
     def detach_lora(self, name):
         model = self._model_of(name)
-        for _, m in _lora_layers(model):
-            if name in m.lora_A:
-                m.delete_adapter(name)
-        if name == UNET:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
-        # Layers with no adapter left are unwrapped, so the model is as it was.
-        for module_name, m in _lora_layers(model):
-            if not m.lora_A:
+        for module_name, host in hosts(model):
+            host.remove(name)
+            if not host.names():  # a layer with no LoRA left is unwrapped: the model is as it was
                 parent_name, _, child = module_name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, m.get_base_layer())
-        configs = getattr(model, "peft_config", None)
-        if isinstance(configs, dict):
-            configs.pop(name, None)
-            if not configs:
-                del model.peft_config
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, host.base_layer)
 
     def export_lora(self, name) -> LoRA:
-        layers = {}
-        for module_name, m in _lora_layers(self._model_of(name)):
-            if name in m.lora_A:
-                layers[self._stem(name, module_name)] = LoRALayer(
-                    m.lora_A[name].weight.detach().float().cpu().clone(),
-                    m.lora_B[name].weight.detach().float().cpu().clone(),
-                    float(m.lora_alpha[name]),
-                )
+        layers = {self._stem(name, n): host.export(name) for n, host in hosts(self._model_of(name))
+                  if name in host.names()}
         if not layers:
             raise ValueError(f"no LoRA {name!r} is attached")
         return LoRA(layers)
 
     def set_lora_scale(self, name, scale):
-        if name == UNET:
-            self._unet_scale = scale
-            return
-        for _, m in _lora_layers(self._model_of(name)):
-            if name in m.lora_A:
-                m.scaling[name] = float(scale) * m.lora_alpha[name] / m.r[name]
+        for _, host in hosts(self._model_of(name)):
+            if name in host.names():
+                host.set_strength(name, scale)
 
     # --- training and sampling ----------------------------------------------------------
     def loss(self, latents, noise, timesteps, cond):
@@ -301,9 +238,8 @@ class DiffusersBackend(DACBackend):
         for i, t in enumerate(sched.timesteps):
             x = torch.cat([latents] * 2) if guided else latents
             x = sched.scale_model_input(x, t)
-            frac = torch.full((latents.shape[0],), float(t) / last, dtype=torch.float64)
-            scale = unet_scale(frac)
-            self.set_lora_scale(UNET, torch.cat([scale] * 2) if guided else scale)
+            # one timestep for the whole batch: one strength, so U can be merged into the weights
+            self.set_lora_scale(UNET, unet_scale(torch.full((1,), float(t) / last, dtype=torch.float64)))
             pred = self.unet(x.to(self.dtype), t, emb.to(self.dtype)).sample.float()
             if guided:
                 pred_uncond, pred_cond = pred.chunk(2)
@@ -324,6 +260,6 @@ class DiffusersBackend(DACBackend):
                 configs.append({k: v for k, v in config.items()
                                 if not k.startswith("_") and k != "transformers_version"})
                 tensors += [(f"{label}.{n.replace('.base_layer', '')}", p) for n, p in m.state_dict().items()
-                            if "lora_" not in n]
+                            if "lora_" not in n]  # LoRAHost keeps the base weights under base_layer
             self._fingerprint = fingerprint_weights(tensors, json.dumps(configs, sort_keys=True, default=str))
         return self._fingerprint

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -22,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from . import params as P
 from .backend import DACBackend
 from .errors import DACError, NonFiniteLossError
 from .files import atomic_path, write_json
 from .image import before_after, fit_size, image_to_tensor, load_image, tensor_to_images, to_rgb
 from .lora import LoRA, load_lora, save_lora
-from .schedule import check_eta
 from .stages import TrainSettings, TrainState, abduct_text_lora, abduct_unet_lora, counterfactual_sample
 
 log = logging.getLogger("dac_core")
@@ -38,52 +37,36 @@ ProgressFactory = Callable[[str], Callable[..., None]]
 
 @dataclass
 class EditParams:
-    """Every parameter of an edit. Defaults are the reference code's (DAC_SPEC.md)."""
+    """Every parameter of an edit; names, defaults and ranges from `dac_core.params`."""
 
-    source: str
-    target: str
+    source_prompt: str
+    target_prompt: str
     model: str = "stabilityai/stable-diffusion-2-1-base"
-    unet_steps: int = 1000
-    te_steps: int = 1000
-    unet_rank: int = 512
-    te_rank: int = 4
-    lr: float = 1e-4
-    max_grad_norm: float | None = None  # None or 0: no clipping, as the reference really trains
-    eta: float = 0.8
-    beta: float = 1.0
-    negative: str = ""
-    sample_steps: int = 30
-    cfg: float = 4.0
-    seed: int = 29
-    num_images: int = 1
-    train_seed: int = 42
-    resolution: int | None = None
-    unet_lora: str | None = None
-    text_lora: str | None = None
+    unet_steps: int = P.UNET_STEPS.default
+    text_steps: int = P.TEXT_STEPS.default
+    unet_rank: int = P.UNET_RANK.default
+    text_rank: int = P.TEXT_RANK.default
+    learning_rate: float = P.LEARNING_RATE.default
+    max_grad_norm: float = P.MAX_GRAD_NORM.default
+    eta: float = P.ETA.default
+    beta: float = P.BETA.default
+    negative_prompt: str = P.NEGATIVE_PROMPT.default
+    sample_steps: int = P.SAMPLE_STEPS.default
+    cfg: float = P.CFG.default
+    seed: int = P.SEED.default
+    batch_size: int = P.BATCH_SIZE.default
+    train_seed: int = P.TRAIN_SEED.default
+    resolution: int | None = P.RESOLUTION.default
+    unet_lora: str | None = None  # a LoRA file used instead of running Abduction-1
+    text_lora: str | None = None  # likewise for Abduction-2
     device: str = "auto"
     dtype: str = "float32"
 
     def check(self) -> EditParams:
-        for name in ("unet_steps", "te_steps", "unet_rank", "te_rank", "sample_steps", "num_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise DACError(f"{name} must be a positive integer, got {value!r}")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
-            raise DACError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DACError(f"lr must be a positive number, got {self.lr!r}")
-        g = self.max_grad_norm
-        if g is not None and not (math.isfinite(g) and g >= 0):
-            raise DACError(f"max_grad_norm must be 0 (no clipping) or a positive number, got {g!r}")
-        for name in ("source", "target"):
-            if not getattr(self, name).strip():
-                raise DACError(f"{name} prompt is empty: give a caption, e.g. 'A cat.'")
-        try:
-            check_eta(self.eta)
-        except ValueError as e:
-            raise DACError(str(e)) from None
-        if not (math.isfinite(self.beta) and math.isfinite(self.cfg)):
-            raise DACError(f"beta and cfg must be finite numbers, got beta={self.beta}, cfg={self.cfg}")
+        """Every parameter against `dac_core.params` (DACError naming the first bad one)."""
+        for f in dataclasses.fields(self):
+            if f.name in P.PARAMS:
+                P.PARAMS[f.name].check(getattr(self, f.name))
         return self
 
 
@@ -185,8 +168,9 @@ def _png_info(record: dict, params: EditParams, seed: int):
     info.add_text("dac", json.dumps({**record, "seed": seed}, default=str))
     info.add_text(
         "parameters",
-        f"{params.target}\nNegative prompt: {params.negative}\nSteps: {params.sample_steps}, CFG scale: {params.cfg}, "
-        f"Seed: {seed}, DAC eta: {params.eta}, DAC beta: {params.beta}, Source prompt: {params.source}, "
+        f"{params.target_prompt}\nNegative prompt: {params.negative_prompt}\nSteps: {params.sample_steps}, "
+        f"CFG scale: {params.cfg}, "
+        f"Seed: {seed}, DAC eta: {params.eta}, DAC beta: {params.beta}, Source prompt: {params.source_prompt}, "
         f"Model: {os.path.basename(str(params.model))}, dac-edit {__version__}",
     )
     return info
@@ -225,11 +209,12 @@ def edit(
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
 
-    clip = params.max_grad_norm or None
-    unet_settings = TrainSettings(params.unet_steps, params.lr, params.unet_rank, params.train_seed, max_grad_norm=clip)
-    text_settings = TrainSettings(params.te_steps, params.lr, params.te_rank, params.train_seed, max_grad_norm=clip)
+    unet_settings = TrainSettings(params.unet_steps, params.learning_rate, params.unet_rank, params.train_seed,
+                                  max_grad_norm=params.max_grad_norm)
+    text_settings = TrainSettings(params.text_steps, params.learning_rate, params.text_rank, params.train_seed,
+                                  max_grad_norm=params.max_grad_norm)
     unet_key = _key(
-        image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source,
+        image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source_prompt,
         model=backend.fingerprint(), settings=dataclasses.asdict(unet_settings), dtype=params.dtype,
     )
     unet_path = os.path.join(workdir, f"unet_lora-{unet_key[:12]}.safetensors")
@@ -244,7 +229,7 @@ def edit(
         unet_lora, unet_losses, reused_unet = _cached_stage(
             "UNet LoRA (Abduction-1)", unet_path, unet_key,
             lambda resume, save, cb: abduct_unet_lora(
-                backend, latents, params.source, unet_settings, progress=cb, resume=resume, save_state=save,
+                backend, latents, params.source_prompt, unet_settings, progress=cb, resume=resume, save_state=save,
                 checkpoint_every=checkpoint_every),
             progress,
         )
@@ -252,21 +237,22 @@ def edit(
         text_lora, text_losses, reused_text = _given_lora(params.text_lora, backend, "text-encoder LoRA"), [], True
         text_path = params.text_lora
     else:
-        text_key = _key(unet=unet_key, target=params.target, eta=params.eta, settings=dataclasses.asdict(text_settings))
+        text_key = _key(unet=unet_key, target=params.target_prompt, eta=params.eta,
+                        settings=dataclasses.asdict(text_settings))
         text_path = os.path.join(workdir, f"text_lora-{text_key[:12]}.safetensors")
         text_lora, text_losses, reused_text = _cached_stage(
             "text-encoder LoRA (Abduction-2)", text_path, text_key,
             lambda resume, save, cb: abduct_text_lora(
-                backend, latents, params.target, unet_lora, text_settings, eta=params.eta, progress=cb,
+                backend, latents, params.target_prompt, unet_lora, text_settings, eta=params.eta, progress=cb,
                 resume=resume, save_state=save, checkpoint_every=checkpoint_every),
             progress,
         )
     sample_progress = progress("counterfactual sampling") if progress else None
     images = tensor_to_images(
         counterfactual_sample(
-            backend, params.target, unet_lora, text_lora, size, eta=params.eta, beta=params.beta,
-            negative_prompt=params.negative, steps=params.sample_steps, cfg=params.cfg, seed=params.seed,
-            num_images=params.num_images, progress=sample_progress,
+            backend, params.target_prompt, unet_lora, text_lora, size, eta=params.eta, beta=params.beta,
+            negative_prompt=params.negative_prompt, steps=params.sample_steps, cfg=params.cfg, seed=params.seed,
+            batch_size=params.batch_size, progress=sample_progress,
         )
     )
     record = {
@@ -295,7 +281,7 @@ def edit(
     record["images"] = [os.path.abspath(p) for p in paths]
     before_after_path = os.path.join(workdir, "before_after.png")
     with atomic_path(before_after_path) as tmp:
-        before_after(pil, images, params.source, params.target).save(tmp, format="PNG")
+        before_after(pil, images, params.source_prompt, params.target_prompt).save(tmp, format="PNG")
     record["before_after"] = os.path.abspath(before_after_path)
     record_path = os.path.join(workdir, "dac_edit.json")
     write_json(record_path, record, indent=2, default=str)

@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from . import params as P
+
 NUM_TRAIN_TIMESTEPS = 1000
-
-
-def check_eta(eta: float) -> float:
-    """eta is the UNet LoRA strength at pure noise: valid in (0, 1]."""
-    if not (0.0 < float(eta) <= 1.0):
-        raise ValueError(f"eta must be in (0, 1] (the UNet LoRA strength at pure noise), got {eta}")
-    return float(eta)
 
 
 def annealing(eta: float):
     """gamma as a function of the noise-level fraction(s) in [0, 1] (a float, or a tensor of
     any shape, per sample), for this eta, checked here once: what a sampler calls each step."""
-    eta = check_eta(eta)
+    eta = float(P.ETA.check(eta))
 
     def gamma_of(fraction):
         if isinstance(fraction, torch.Tensor):
@@ -40,6 +35,18 @@ def annealing(eta: float):
     return gamma_of
 
 
+def annealing_of_timestep(eta: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """gamma as a function of discrete timestep(s) t in [0, num_train_timesteps) (float or
+    per-sample tensor), eta checked once: what a training step calls."""
+    of_fraction = annealing(eta)
+    last = num_train_timesteps - 1
+
+    def gamma_of(t):
+        return of_fraction(t.to(torch.float64) / last if isinstance(t, torch.Tensor) else float(t) / last)
+
+    return gamma_of
+
+
 def gamma_at_fraction(fraction, eta: float):
     """gamma for noise-level fraction(s) in [0, 1]: a float, or a tensor of any shape (per sample)."""
     return annealing(eta)(fraction)
@@ -47,7 +54,4 @@ def gamma_at_fraction(fraction, eta: float):
 
 def gamma(t, eta: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
     """gamma for discrete timestep(s) t in [0, num_train_timesteps): float or per-sample tensor."""
-    last = num_train_timesteps - 1
-    if isinstance(t, torch.Tensor):
-        return gamma_at_fraction(t.to(torch.float64) / last, eta)
-    return gamma_at_fraction(float(t) / last, eta)
+    return annealing_of_timestep(eta, num_train_timesteps)(t)

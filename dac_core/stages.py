@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from . import params as P
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution
 from .errors import DACError, NonFiniteLossError, StopTraining
 from .lora import LoRA, fresh_lora
-from .schedule import annealing, check_eta, gamma
+from .schedule import annealing, annealing_of_timestep
 
 log = logging.getLogger("dac_core")
 
@@ -39,30 +40,29 @@ Progress = Callable[[int, int, float], None]  # (step done, total, loss); may ra
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One abduction's optimisation settings (reference defaults; rank differs per stage)."""
+    """One abduction's optimisation settings. steps, rank, seed and batch_size are the
+    stage's own (`dac_core.params`: unet_steps or text_steps, unet_rank or text_rank,
+    train_seed, train_batch_size); the defaults are the text stage's, `UNET_SETTINGS` has
+    the UNet stage's."""
 
-    steps: int = 1000
-    lr: float = 1e-4
-    rank: int = 4
-    seed: int = 42
+    steps: int = P.TEXT_STEPS.default
+    learning_rate: float = P.LEARNING_RATE.default
+    rank: int = P.TEXT_RANK.default
+    seed: int = P.TRAIN_SEED.default
     batch_size: int = 1
-    max_grad_norm: float | None = None  # None or 0: no clipping (what the reference really does)
+    max_grad_norm: float = P.MAX_GRAD_NORM.default  # 0: no clipping (what the reference really does)
 
-    def check(self, stage: str) -> TrainSettings:
-        for name in ("steps", "rank", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise DACError(f"{stage} {name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise DACError(f"{stage} learning rate must be a positive number, got {self.lr!r}")
-        g = self.max_grad_norm
-        if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
-            raise DACError(f"{stage} max_grad_norm must be 0 or none (no clipping) or a positive number, got {g!r}")
+    def check(self, stage: str, steps: P.Param, rank: P.Param) -> TrainSettings:
+        """Each setting against its parameter (`steps`, `rank`: the stage's own)."""
+        for field_name, param in (("steps", steps), ("rank", rank), ("seed", P.TRAIN_SEED),
+                                  ("batch_size", P.TRAIN_BATCH_SIZE), ("learning_rate", P.LEARNING_RATE),
+                                  ("max_grad_norm", P.MAX_GRAD_NORM)):
+            param.check(getattr(self, field_name), f"{stage} {field_name}")
         return self
 
 
-UNET_SETTINGS = TrainSettings(rank=512)
-TEXT_SETTINGS = TrainSettings(rank=4)
+UNET_SETTINGS = TrainSettings(steps=P.UNET_STEPS.default, rank=P.UNET_RANK.default)
+TEXT_SETTINGS = TrainSettings()
 
 # AdamW exactly as the reference scripts.
 ADAM_BETAS = (0.9, 0.999)
@@ -113,7 +113,7 @@ def _metadata(backend: DACBackend, stage: str, prompt: str, s: TrainSettings, re
         "dac.prompt": prompt,
         "dac.rank": str(s.rank),
         "dac.steps": str(s.steps),
-        "dac.lr": repr(s.lr),
+        "dac.lr": repr(s.learning_rate),
         "dac.seed": str(s.seed),
         "dac.batch_size": str(s.batch_size),
         "dac.max_grad_norm": str(s.max_grad_norm or 0),
@@ -142,7 +142,7 @@ def _fit(
 ) -> tuple[list[float], int]:
     """Train `params`; returns the loss history and the number of skipped float16 steps."""
     device = backend.device
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
     scaler = torch.amp.GradScaler(device.type, enabled=backend.training_dtype == torch.float16)
     generator = torch.Generator().manual_seed(s.seed)
     losses: list[float] = []
@@ -172,7 +172,7 @@ def _fit(
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"{stage}: the loss became {value} at step {done + 1} of {s.steps}; the stage was stopped "
-                    f"(try a lower learning rate than {s.lr:g})",
+                    f"(try a lower learning rate than {s.learning_rate:g})",
                     step=done + 1,
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -221,7 +221,7 @@ def abduct_unet_lora(
     The text encoder runs without LoRAs and once (its output is frozen); only U trains.
     `init` continues from an earlier UNet LoRA; `resume` from an interrupted run.
     """
-    settings.check("UNet LoRA")
+    settings.check("UNet LoRA", P.UNET_STEPS, P.UNET_RANK)
     check_prompt(backend, source_prompt, "source prompt")
     for other in (TEXT_DELTA, TEXT_EXTRA):
         backend.detach_lora(other)
@@ -246,7 +246,7 @@ def abduct_text_lora(
     unet_lora: LoRA,
     settings: TrainSettings = TEXT_SETTINGS,
     *,
-    eta: float = 0.8,
+    eta: float = P.ETA.default,
     extra_text_lora: LoRA | None = None,
     name: str = TEXT_DELTA,
     progress: Progress | None = None,
@@ -260,8 +260,8 @@ def abduct_text_lora(
     `extra_text_lora` is the optional frozen LoRA T, active at +1. To fit T itself, call
     this with the source prompt and name=TEXT_EXTRA.
     """
-    settings.check("text-encoder LoRA")
-    check_eta(eta)
+    settings.check("text-encoder LoRA", P.TEXT_STEPS, P.TEXT_RANK)
+    unet_strength = annealing_of_timestep(eta)
     check_prompt(backend, prompt, "target prompt" if name == TEXT_DELTA else "source prompt")
     backend.attach_lora(UNET, unet_lora, trainable=False)
     for other in (TEXT_DELTA, TEXT_EXTRA):
@@ -275,7 +275,7 @@ def abduct_text_lora(
     prompts = [prompt] * settings.batch_size
     losses, skipped = _fit(
         backend, "Abduction-2 (text-encoder LoRA)", name, params, latents,
-        lambda: backend.encode_prompts(prompts), lambda t: gamma(t, eta),
+        lambda: backend.encode_prompts(prompts), unet_strength,
         settings, progress, resume, save_state, checkpoint_every,
     )
     result = StageResult(backend.export_lora(name), losses, skipped)
@@ -288,13 +288,7 @@ def counterfactual_strengths(eta: float, beta: float) -> dict:
     """DAC's Action step, the one place that says how the LoRAs act in the counterfactual:
     U at gamma(t) (a function of the noise-level fraction, called at every sampler step),
     the text-encoder LoRA Delta at -beta, the optional extra LoRA T at +1."""
-    if not math.isfinite(beta):
-        raise DACError(f"beta must be a finite number, got {beta}")
-    try:
-        unet = annealing(eta)
-    except ValueError as e:
-        raise DACError(str(e)) from None
-    return {UNET: unet, TEXT_DELTA: -float(beta), TEXT_EXTRA: 1.0}
+    return {UNET: annealing(eta), TEXT_DELTA: -float(P.BETA.check(beta)), TEXT_EXTRA: 1.0}
 
 
 def counterfactual_sample(
@@ -305,30 +299,29 @@ def counterfactual_sample(
     size: tuple[int, int],
     *,
     extra_text_lora: LoRA | None = None,
-    eta: float = 0.8,
-    beta: float = 1.0,
-    negative_prompt: str = "",
-    steps: int = 30,
-    cfg: float = 4.0,
-    seed: int = 29,
-    num_images: int = 1,
+    eta: float = P.ETA.default,
+    beta: float = P.BETA.default,
+    negative_prompt: str = P.NEGATIVE_PROMPT.default,
+    steps: int = P.SAMPLE_STEPS.default,
+    cfg: float = P.CFG.default,
+    seed: int = P.SEED.default,
+    batch_size: int = P.BATCH_SIZE.default,
     progress: Callable[[int, int], None] | None = None,
     decode: bool = True,
 ) -> torch.Tensor:
     """Prediction: sample the target prompt from pure noise with U at gamma(t) every step
     and the text-encoder LoRA at -beta (prompt and negative prompt alike).
 
-    Image i of `num_images` uses seed + i, so each candidate can be reproduced alone.
-    Returns images [K, 3, H, W] in [-1, 1] of `size` = (width, height), or with
-    decode=False the backend's latents.
+    `steps` is the sampling steps (`sample_steps` in `dac_core.params`). Image i of
+    `batch_size` uses seed + i, so each candidate can be reproduced alone. Returns images
+    [K, 3, H, W] in [-1, 1] of `size` = (width, height), or with decode=False the
+    backend's latents.
     """
     strengths = counterfactual_strengths(eta, beta)
     check_prompt(backend, target_prompt, "target prompt")
-    for what, value in (("sampling steps", steps), ("number of images", num_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise DACError(f"{what} must be a positive integer, got {value!r}")
-    if not math.isfinite(cfg):
-        raise DACError(f"cfg must be a finite number, got {cfg}")
+    P.SAMPLE_STEPS.check(steps, "sampling steps")
+    for param, value in ((P.CFG, cfg), (P.SEED, seed), (P.BATCH_SIZE, batch_size)):
+        param.check(value)
     if negative_prompt:
         check_prompt(backend, negative_prompt, "negative prompt")
     if unet_lora is not None:
@@ -344,11 +337,11 @@ def counterfactual_sample(
     w, h = size
     f = backend.latent_factor
     with torch.no_grad():
-        cond = backend.encode_prompts([target_prompt] * num_images)
-        uncond = backend.encode_prompts([negative_prompt] * num_images)
+        cond = backend.encode_prompts([target_prompt] * batch_size)
+        uncond = backend.encode_prompts([negative_prompt] * batch_size)
         shape = (1, backend.latent_channels, h // f, w // f)
         noise = torch.cat(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)]
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch_size)]
         ).to(backend.device)
         schedule = strengths[UNET] if unet_lora is not None else torch.ones_like
         latents = backend.sample(cond, uncond, noise, steps, cfg, schedule, progress)

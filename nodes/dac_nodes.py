@@ -129,7 +129,7 @@ class AbductUNetLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, image, source_prompt, steps, learning_rate, rank, seed, training_dtype,
                 gradient_checkpointing, preview_every, max_grad_norm=0.0, init_lora=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip, vae, training_dtype, gradient_checkpointing)
-        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm or None)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm)
 
         def run():
             pixels = _one_image(image)
@@ -157,7 +157,7 @@ class AbductTextLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, image, target_prompt, unet_lora, eta, steps, learning_rate, rank, seed,
                 training_dtype, max_grad_norm=0.0, extra_text_lora=None) -> io.NodeOutput:
         backend = ComfyBackend(model, clip, vae, training_dtype)
-        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm or None)
+        settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm)
 
         def run():
             latents = backend.encode_image(_one_image(image))
@@ -200,7 +200,7 @@ class CounterfactualSample(io.ComfyNode):
             latents = stages.counterfactual_sample(
                 backend, target_prompt, _named(unet_lora, "unet_lora"), _named(text_lora, "text_lora"), size,
                 extra_text_lora=_named(extra_text_lora, "extra_text_lora"), eta=eta, beta=beta,
-                negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed, num_images=batch_size,
+                negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size,
                 progress=_progress(steps), decode=False)
         return io.NodeOutput({"samples": backend.latent_format.process_out(latents).cpu()})
 

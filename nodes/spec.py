@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..dac_core import params as P
+
 CATEGORY = "DAC"
 DAC_LORA = "DAC_LORA"  # a dac_core.lora.LoRA: UNet or text-encoder layers with DAC metadata
 LOSS_MAP = "LOSS_MAP"  # ComfyUI's own loss-history type ({"loss": [...]}), plotted by its Plot Loss Graph node
@@ -53,6 +55,14 @@ class Node:
     extra: dict = field(default_factory=dict)
 
 
+def _param(param: P.Param, tooltip: str, name: str | None = None, **extra) -> In:
+    """A widget input for a `dac_core.params` parameter: its default and range from there;
+    `name` where the node scopes it (an abduction's `steps` is its stage's steps)."""
+    kind = {int: "INT", float: "FLOAT", str: "STRING"}[param.kind]
+    low = param.ui_low if param.low_open else param.low
+    return In(name or param.name, kind, tooltip, param.default, low, param.high, param.ui_step, **extra)
+
+
 _MODEL = In("model", "MODEL", "The base diffusion model (SD 1.x or 2.x checkpoint). It is never modified.")
 _CLIP = In("clip", "CLIP", "The checkpoint's text encoder. It is never modified.")
 _VAE = In("vae", "VAE", "Encodes the source photo into latents.")
@@ -61,13 +71,13 @@ _UNET_LORA = In("unet_lora", DAC_LORA, "The UNet LoRA from Abduct UNet LoRA (or 
 _TEXT_LORA = In("text_lora", DAC_LORA, "The text-encoder LoRA from Abduct Text-Encoder LoRA (or Load DAC LoRA).")
 _EXTRA = In("extra_text_lora", DAC_LORA, "Optional frozen extra text-encoder LoRA T fitted on the source prompt, for "
             "complex photos whose content would leak into the edit (kept at +1).", optional=True)
-_ETA = In("eta", "FLOAT", "Annealing: the UNet LoRA's strength at pure noise, rising to 1 at the clean end. Lower "
-          "makes the edit easier but less faithful (paper: 0.4-0.8).", 0.8, 0.01, 1.0, 0.01)
+_ETA = _param(P.ETA, "Annealing: the UNet LoRA's strength at pure noise, rising to 1 at the clean end. Lower makes "
+              "the edit easier but less faithful (paper: 0.4-0.8).")
 # No control_after_generate: a seed that changed after every queue would retrain every time.
-_SEED_TRAIN = In("seed", "INT", "Seed of the training noise, timesteps and LoRA init.", 42, 0, 2**63 - 1)
-_LR = In("learning_rate", "FLOAT", "AdamW learning rate (constant).", 1e-4, 1e-7, 1.0, 1e-5)
-_CLIP_NORM = In("max_grad_norm", "FLOAT", "Clip the gradient norm to this value; 0 = no clipping (the default, as "
-                "the reference code really trains: its scripts ask for 1 but never clip).", 0.0, 0.0, 1000.0, 0.1)
+_SEED_TRAIN = _param(P.TRAIN_SEED, "Seed of the training noise, timesteps and LoRA init.", "seed")
+_LR = _param(P.LEARNING_RATE, "AdamW learning rate (constant).")
+_CLIP_NORM = _param(P.MAX_GRAD_NORM, "Clip the gradient norm to this value; 0 = no clipping (the default, as the "
+                    "reference code really trains: its scripts ask for 1 but never clip).")
 _DTYPE = In("training_dtype", "COMBO", "What the model computes in while training, whatever dtype the checkpoint "
             "is stored in (ComfyUI stores SD checkpoints in fp16 on most GPUs). fp32: exact, most memory. bf16: "
             "about half the activation memory, needs a GPU with bf16 (RTX 30xx / A100 or newer). fp16: as bf16 on "
@@ -76,6 +86,8 @@ _DTYPE = In("training_dtype", "COMBO", "What the model computes in while trainin
 _CHECKPOINTING = In("gradient_checkpointing", "BOOLEAN", "Recompute activations in the backward pass: less memory, "
                     "more time per step.", False)
 _PREVIEW = In("preview_every", "INT", "Show a reconstruction preview every N steps (0: never).", 100, 0, 100000)
+_BETA = _param(P.BETA, "Edit strength: the text-encoder LoRA is applied at -beta. -1 reconstructs the photo, values "
+               "between change attributes gradually, above 1 exaggerates.")
 _LOSS = Out("loss", LOSS_MAP, "Loss per step; connect to Plot Loss Graph to see it.")
 
 ABDUCT_UNET = Node(
@@ -86,12 +98,11 @@ ABDUCT_UNET = Node(
     "does not re-run it.",
     (
         _MODEL, _CLIP, _VAE, _IMAGE,
-        In("source_prompt", "STRING", "A caption of the photo as it is, e.g. 'A cat.'", "", multiline=True),
-        In("steps", "INT", "Training steps. 250-500 keep the model more editable, 1000 is the paper's.", 1000, 1,
-           100000),
+        _param(P.SOURCE_PROMPT, "A caption of the photo as it is, e.g. 'A cat.'", multiline=True),
+        _param(P.UNET_STEPS, "Training steps. 250-500 keep the model more editable, 1000 is the paper's.", "steps"),
         _LR,
-        In("rank", "INT", "LoRA rank. 512 is near full rank for SD's layers (the paper's choice, about 2 GB of "
-           "weights on SD 2.1); lower saves memory.", 512, 1, 1024),
+        _param(P.UNET_RANK, "LoRA rank. 512 is near full rank for SD's layers (the paper's choice, about 2 GB of "
+               "weights on SD 2.1); lower saves memory.", "rank"),
         _SEED_TRAIN, _DTYPE, _CHECKPOINTING, _PREVIEW, _CLIP_NORM,
         In("init_lora", DAC_LORA, "Optional UNet LoRA to continue training from.", optional=True),
     ),
@@ -110,12 +121,11 @@ ABDUCT_TEXT = Node(
     "frozen, annealed UNet LoRA. It learns the 'visual transition' that Counterfactual Sample subtracts.",
     (
         _MODEL, _CLIP, _VAE, _IMAGE,
-        In("target_prompt", "STRING", "A caption of the wanted result, e.g. 'A cat wearing a wool cap.'", "",
-           multiline=True),
+        _param(P.TARGET_PROMPT, "A caption of the wanted result, e.g. 'A cat wearing a wool cap.'", multiline=True),
         _UNET_LORA, _ETA,
-        In("steps", "INT", "Training steps (paper: 1000).", 1000, 1, 100000),
+        _param(P.TEXT_STEPS, "Training steps (paper: 1000).", "steps"),
         _LR,
-        In("rank", "INT", "LoRA rank of the text encoder (paper: 4).", 4, 1, 256),
+        _param(P.TEXT_RANK, "LoRA rank of the text encoder (paper: 4).", "rank"),
         _SEED_TRAIN, _DTYPE, _CLIP_NORM, _EXTRA,
     ),
     (Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta."), _LOSS),
@@ -128,19 +138,17 @@ COUNTERFACTUAL = Node(
     "step and the text-encoder LoRA subtracted (-beta). Decode the LATENT with VAE Decode.",
     (
         _MODEL, _CLIP, _UNET_LORA, _TEXT_LORA,
-        In("target_prompt", "STRING", "The target caption; leave empty to use the one the text-encoder LoRA was "
-           "fitted on.", "", multiline=True),
-        In("negative_prompt", "STRING", "Negative prompt; it goes through the same -beta text encoder.", "",
-           multiline=True),
+        _param(P.TARGET_PROMPT, "The target caption; leave empty to use the one the text-encoder LoRA was fitted on.",
+               multiline=True),
+        _param(P.NEGATIVE_PROMPT, "Negative prompt; it goes through the same -beta text encoder.", multiline=True),
         _ETA,
-        In("beta", "FLOAT", "Edit strength: the text-encoder LoRA is applied at -beta. -1 reconstructs the photo, "
-           "values between change attributes gradually, above 1 exaggerates.", 1.0, -3.0, 5.0, 0.05),
-        In("seed", "INT", "Sampling seed.", 29, 0, 2**63 - 1, control_after_generate=True),
-        In("steps", "INT", "Denoising steps.", 30, 1, 10000),
-        In("cfg", "FLOAT", "Classifier-free guidance scale (reference: 4).", 4.0, 0.0, 100.0, 0.1),
+        _BETA,
+        _param(P.SEED, "Sampling seed.", control_after_generate=True),
+        _param(P.SAMPLE_STEPS, "Denoising steps.", "steps"),
+        _param(P.CFG, "Classifier-free guidance scale (reference: 4)."),
         In("sampler_name", "COMBO", "Sampler.", "ddim"),
         In("scheduler", "COMBO", "Noise schedule.", "ddim_uniform"),
-        In("batch_size", "INT", "Number of candidates K to sample (the paper picks the best of 8).", 1, 1, 64),
+        _param(P.BATCH_SIZE, "Number of candidates K to sample (the paper picks the best of 8)."),
         In("latent", "LATENT", "Optional latent: its size is used (default: the source photo's size).", optional=True),
         In("positive", "CONDITIONING", "Optional positive conditioning to carry along (e.g. from ControlNet Apply): "
            "its extras (control, area, ...) are kept, its text embedding is replaced by the -beta encoding of "
@@ -157,9 +165,7 @@ APPLY = Node(
     "Returns a MODEL whose UNet LoRA strength follows DAC's annealing gamma(t) at every step of any sampler and "
     "scheduler, and a CLIP with the text-encoder LoRA at -beta. Use them with the stock CLIP Text Encode, "
     "ControlNet Apply, KSampler and upscaling nodes.",
-    (_MODEL, _CLIP, _UNET_LORA, _TEXT_LORA, _ETA,
-     In("beta", "FLOAT", "Edit strength: the text-encoder LoRA is applied at -beta.", 1.0, -3.0, 5.0, 0.05),
-     _EXTRA),
+    (_MODEL, _CLIP, _UNET_LORA, _TEXT_LORA, _ETA, _BETA, _EXTRA),
     (Out("model", "MODEL", "The model with the annealed UNet LoRA."),
      Out("clip", "CLIP", "The text encoder with the text-encoder LoRA at -beta.")),
 )
@@ -185,31 +191,3 @@ LOAD = Node(
 
 NODES: tuple[Node, ...] = (ABDUCT_UNET, ABDUCT_TEXT, COUNTERFACTUAL, APPLY, SAVE, LOAD)
 BY_ID = {node.id: node for node in NODES}
-
-
-def reference_markdown() -> str:
-    """NODES.md: every node, input and output with its tooltip (tests keep the file current)."""
-    lines = ["# DAC nodes", "", "Generated from `nodes/spec.py` (`python nodes/spec.py > NODES.md`). Category: "
-             f"**{CATEGORY}**.", ""]
-    for node in NODES:
-        lines += [f"## {node.display_name} (`{node.id}`)", "", node.description, "",
-                  "| input | type | default | effect |", "|---|---|---|---|"]
-        for i in node.inputs:
-            default = "" if i.default is None else f"`{i.default!r}`"
-            if i.options:
-                default += f" (one of {', '.join(i.options)})"
-            if i.min is not None and i.type == "INT":
-                default += f" [{int(i.min)} .. {int(i.max)}]"
-            elif i.min is not None and i.type == "FLOAT":
-                default += f" [{i.min:g} .. {i.max:g}]"
-            kind = i.type + (", optional" if i.optional else "")
-            lines.append(f"| `{i.name}` | {kind} | {default} | {i.tooltip} |")
-        if node.outputs:
-            lines += ["", "| output | type | meaning |", "|---|---|---|"]
-            lines += [f"| `{o.name}` | {o.type} | {o.tooltip} |" for o in node.outputs]
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")

@@ -212,20 +212,10 @@ def comfyui_path() -> str | None:
 
 
 def import_pack():
-    """Import this repository as ComfyUI does: a package (named like its folder) whose
-    nodes/ and dac_core/ are reached by relative imports."""
-    import importlib
-    import importlib.util
+    """This repository as ComfyUI imports it (tools.pack, shared with the maintainer scripts)."""
+    from tools.pack import import_pack as imported
 
-    root = ROOT
-    name = "dac_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
-                                                      submodule_search_locations=[root])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return imported()
 
 
 SD15_TINY = {

@@ -38,7 +38,7 @@ def test_default_cases_share_sources_and_the_unet_lora_is_fitted_once_per_source
     real = bench.abduct_unet_lora
     monkeypatch.setattr(bench, "abduct_unet_lora", lambda *a, **k: fitted.append(a[2]) or real(*a, **k))
     backend = make_backend("sd1")
-    s = bench.Settings(unet_steps=2, te_steps=2, unet_rank=4, sample_steps=2)
+    s = bench.Settings(unet_steps=2, text_steps=2, unet_rank=4, sample_steps=2)
     cache: dict = {}
     methods = ("DAC", "Abduction-1 only")
     shared = [bench.run_methods(backend, case, s, [0], methods, cache) for case in cases[:2]]
@@ -53,7 +53,7 @@ def test_default_cases_share_sources_and_the_unet_lora_is_fitted_once_per_source
 def test_methods_run_end_to_end_on_a_tiny_model(make_backend):
     case = W.default_cases(per_type=1)[0]
     backend = make_backend("sd1")
-    images = bench.run_methods(backend, case, bench.Settings(unet_steps=2, te_steps=2, unet_rank=4, sample_steps=2),
+    images = bench.run_methods(backend, case, bench.Settings(unet_steps=2, text_steps=2, unet_rank=4, sample_steps=2),
                                seeds=[0])
     assert set(images) == {"DAC", "target prompt only", "Abduction-1 only", "DAC eta=1 (no annealing)",
                            "DAC beta=0 (no subtraction)", "SDEdit 0.5", "SDEdit 0.75"}
@@ -67,7 +67,7 @@ def test_command_on_a_case_file_writes_table_json_markdown_and_grid(tmp_path, ti
     W.save_cases(cases, tmp_path / "cases.json")
     out = {name: tmp_path / name for name in ("r.json", "r.md", "grid.png")}
     bench.main(["--model", tiny_model_dirs["sd1"], "--cases", str(tmp_path / "cases.json"), "--seeds", "2",
-                "--unet-steps", "2", "--te-steps", "2", "--unet-rank", "4", "--sample-steps", "2",
+                "--unet-steps", "2", "--text-steps", "2", "--unet-rank", "4", "--sample-steps", "2",
                 "--json", str(out["r.json"]), "--markdown", str(out["r.md"]), "--grid", str(out["grid.png"])])
     printed = capsys.readouterr().out
     assert "best-of-2 joint" in printed and "manipulation" in printed and "style" in printed

@@ -12,7 +12,7 @@ from dac_core import lora as L
 from dac_core.cli import main
 from dac_core.edit import EditParams, edit
 
-FAST = ["--unet-steps", "12", "--te-steps", "8", "--unet-rank", "4", "--sample-steps", "3", "--device", "cpu"]
+FAST = ["--unet-steps", "12", "--text-steps", "8", "--unet-rank", "4", "--sample-steps", "3", "--device", "cpu"]
 
 
 def run_cli(*args, cwd=None):
@@ -30,18 +30,18 @@ def photo(tmp_path, source_image):
 
 def test_end_to_end_then_new_target_reuses_the_unet_lora(tmp_path, photo, tiny_model_dirs):
     work = tmp_path / "work"
-    first = run_cli(photo, "--source", "a red disc", "--target", "a red disc with a hat", "--model",
+    first = run_cli(photo, "--source-prompt", "a red disc", "--target-prompt", "a red disc with a hat", "--model",
                     tiny_model_dirs["sd1"], "--workdir", work, "--out", tmp_path / "out.png", *FAST)
     assert first.returncode == 0, first.stderr
     assert "Traceback" not in first.stderr
     assert "UNet LoRA (Abduction-1)" in first.stderr and "loss=" in first.stderr  # the progress bar
     record = json.loads((work / "dac_edit.json").read_text())
-    assert record["params"]["target"] == "a red disc with a hat" and record["params"]["unet_steps"] == 12
+    assert record["params"]["target_prompt"] == "a red disc with a hat" and record["params"]["unet_steps"] == 12
     assert record["size"] == [80, 48]  # aspect ratio kept at the tiny model's 64x64 pixel count
     out = Image.open(tmp_path / "out.png")
     assert out.size == (80, 48)
     meta = json.loads(out.text["dac"])
-    assert meta["params"]["source"] == "a red disc" and meta["seed"] == 29
+    assert meta["params"]["source_prompt"] == "a red disc" and meta["seed"] == 29
     assert "Steps: 3, CFG scale: 4.0, Seed: 29" in out.text["parameters"]
     assert Image.open(work / "edit.png").size == (80, 48)
     before_after = Image.open(work / "before_after.png")  # photo and edit side by side, 2x or more
@@ -56,12 +56,16 @@ def test_end_to_end_then_new_target_reuses_the_unet_lora(tmp_path, photo, tiny_m
     assert L.load_lora(text_file).metadata["dac.stage"] == "text"
     unet_bytes, unet_mtime = open(unet_file, "rb").read(), os.stat(unet_file).st_mtime_ns
 
-    second = run_cli(photo, "--source", "a red disc", "--target", "a blue disc", "--model",
-                     tiny_model_dirs["sd1"], "--workdir", work, "--beta", "1.5", *FAST)
+    # the spellings of the previous release still work, with a deprecation message each
+    second = run_cli(photo, "--source", "a red disc", "--target=a blue disc", "--model", tiny_model_dirs["sd1"],
+                     "--workdir", work, "--beta", "1.5", "--lr", "1e-4", *FAST)
     assert second.returncode == 0, second.stderr
+    for old, new in (("--source", "--source-prompt"), ("--target", "--target-prompt"), ("--lr", "--learning-rate")):
+        assert f"dac-edit: warning: {old} is deprecated and goes in the next release; use {new}" in second.stderr
     assert "reusing UNet LoRA (Abduction-1)" in second.stderr
     assert "UNet LoRA (Abduction-1):" not in second.stderr  # no training bar for it
     record2 = json.loads((work / "dac_edit.json").read_text())
+    assert record2["params"]["target_prompt"] == "a blue disc" and record2["params"]["learning_rate"] == 1e-4
     assert record2["unet_lora"] == unet_file and record2["reused_unet_lora"] is True
     assert record2["text_lora"] != text_file and os.path.exists(text_file)
     assert open(unet_file, "rb").read() == unet_bytes and os.stat(unet_file).st_mtime_ns == unet_mtime
@@ -69,7 +73,7 @@ def test_end_to_end_then_new_target_reuses_the_unet_lora(tmp_path, photo, tiny_m
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, source_image, tiny_model_dirs, caplog):
     params = EditParams("a red disc", "a red disc with a hat", model=tiny_model_dirs["sd1"], unet_steps=10,
-                        te_steps=6, unet_rank=4, sample_steps=2, device="cpu")
+                        text_steps=6, unet_rank=4, sample_steps=2, device="cpu")
     whole = edit(source_image, params, tmp_path / "whole")
 
     def interrupt_at_4(label):
@@ -93,13 +97,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, source_image, tiny
 
 
 def test_nan_loss_stops_and_keeps_saved_files(tmp_path, source_image, tiny_model_dirs):
-    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=3, te_steps=2, unet_rank=4,
+    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=3, text_steps=2, unet_rank=4,
                         sample_steps=1, device="cpu")
     work = tmp_path / "w"
     good = edit(source_image, params, work)
     kept = {name: open(work / name, "rb").read() for name in os.listdir(work)}
-    bad = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=30, te_steps=2, unet_rank=4, lr=1e6,
-                     sample_steps=1, device="cpu")
+    bad = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=30, text_steps=2, unet_rank=4,
+                     learning_rate=1.0, sample_steps=1, device="cpu")
     from dac_core.errors import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="loss became nan.*the last good state is kept in .*partial"):
@@ -110,7 +114,7 @@ def test_nan_loss_stops_and_keeps_saved_files(tmp_path, source_image, tiny_model
 
 
 def test_bad_input_in_a_subprocess_is_one_line_without_traceback(tmp_path):
-    r = run_cli(tmp_path / "missing.png", "--source", "a", "--target", "b")
+    r = run_cli(tmp_path / "missing.png", "--source-prompt", "a", "--target-prompt", "b")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"dac-edit: error: image '{tmp_path / 'missing.png'}' does not exist"]
 
@@ -128,22 +132,26 @@ def cli(capsys):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--unet-steps", "0", "argument --unet-steps: must be a positive integer, got '0'"),
-        ("--te-steps", "-5", "argument --te-steps: must be a positive integer, got '-5'"),
-        ("--unet-rank", "0", "argument --unet-rank: must be a positive integer, got '0'"),
-        ("--te-rank", "x", "argument --te-rank: must be a positive integer, got 'x'"),
-        ("--lr", "0", "argument --lr: must be a positive number, got '0'"),
-        ("--lr", "-1e-4", "argument --lr: must be a positive number, got '-1e-4'"),
-        ("--eta", "0", "argument --eta: must be in (0, 1] (UNet LoRA strength at pure noise), got '0'"),
-        ("--eta", "1.2", "argument --eta: must be in (0, 1] (UNet LoRA strength at pure noise), got '1.2'"),
-        ("--source", "  ", "argument --source: is empty: give a caption of the image, e.g. 'A cat.'"),
-        ("--target", "", "argument --target: is empty: give a caption of the image, e.g. 'A cat.'"),
-        ("--sample-steps", "0", "argument --sample-steps: must be a positive integer, got '0'"),
-        ("--num-images", "0", "argument --num-images: must be a positive integer, got '0'"),
+        ("--unet-steps", "0", "argument --unet-steps: must be an integer in [1, 100000], got 0"),
+        ("--text-steps", "-5", "argument --text-steps: must be an integer in [1, 100000], got -5"),
+        ("--unet-rank", "0", "argument --unet-rank: must be an integer in [1, 1024], got 0"),
+        ("--text-rank", "x", "argument --text-rank: must be an integer in [1, 256], got 'x'"),
+        ("--learning-rate", "0", "argument --learning-rate: must be a number in (0, 1], got 0.0"),
+        ("--learning-rate", "-1e-4", "argument --learning-rate: must be a number in (0, 1], got -0.0001"),
+        ("--eta", "0", "argument --eta: must be a number in (0, 1], got 0.0"),
+        ("--eta", "1.2", "argument --eta: must be a number in (0, 1], got 1.2"),
+        ("--beta", "nan", "argument --beta: must be a number in [-3, 5], got nan"),
+        ("--source-prompt", "  ", "argument --source-prompt: is empty: give a caption of the photo as it is, "
+                                  "e.g. 'A cat.'"),
+        ("--target-prompt", "", "argument --target-prompt: is empty: give a caption of the wanted result, "
+                                "e.g. 'A cat wearing a wool cap.'"),
+        ("--sample-steps", "0", "argument --sample-steps: must be an integer in [1, 10000], got 0"),
+        ("--batch-size", "0", "argument --batch-size: must be an integer in [1, 64], got 0"),
+        ("--resolution", "4", "argument --resolution: must be an integer in [8, 8192], got 4"),
     ],
 )
 def test_bad_numbers_and_prompts(capsys, photo, flag, value, message):
-    args = {"--source": "a", "--target": "b", flag: value}
+    args = {"--source-prompt": "a", "--target-prompt": "b", flag: value}
     with pytest.raises(SystemExit) as e:
         main([str(photo), *[f"{k}={v}" for k, v in args.items()]])
     assert e.value.code == 2
@@ -153,18 +161,18 @@ def test_bad_numbers_and_prompts(capsys, photo, flag, value, message):
 def test_not_an_image(cli, tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("not a picture")
-    code, err = cli(path, "--source", "a", "--target", "b")
+    code, err = cli(path, "--source-prompt", "a", "--target-prompt", "b")
     assert code == 1 and err.strip().startswith(f"dac-edit: error: image '{path}' is not an image")
     assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_prompt(cli, photo):
-    code, err = cli(photo, "--target", "b")
-    assert code == 2 and "--source is required" in err
+    code, err = cli(photo, "--target-prompt", "b")
+    assert code == 2 and "--source-prompt is required" in err
 
 
 def test_model_that_does_not_exist(cli, photo, tmp_path):
-    code, err = cli(photo, "--source", "a", "--target", "b", "--model", tmp_path / "nowhere")
+    code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", tmp_path / "nowhere")
     assert code == 1 and "does not exist" in err and "nowhere" in err
 
 
@@ -174,7 +182,8 @@ def test_lora_file_that_does_not_fit(cli, photo, tmp_path, tiny_model_dirs):
     bad = L.LoRA({"lora_unet_down_blocks_0_resnets_0_conv1": L.LoRALayer(torch.zeros(4, 3, 3, 3),
                                                                         torch.zeros(9, 4, 1, 1), 4.0)})
     path = L.save_lora(bad, tmp_path / "sdxl_lora.safetensors")
-    code, err = cli(photo, "--source", "a", "--target", "b", "--model", tiny_model_dirs["sd1"], "--unet-lora", path,
+    code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", tiny_model_dirs["sd1"],
+                    "--unet-lora", path,
                     *FAST)
     assert code == 1
     assert f"LoRA file '{path}' does not fit this model: layer lora_unet_down_blocks_0_resnets_0_conv1" in err
@@ -183,23 +192,26 @@ def test_lora_file_that_does_not_fit(cli, photo, tmp_path, tiny_model_dirs):
 def test_corrupt_lora_file(cli, photo, tmp_path, tiny_model_dirs):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x00" * 5)
-    code, err = cli(photo, "--source", "a", "--target", "b", "--model", tiny_model_dirs["sd1"], "--text-lora", path,
+    code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", tiny_model_dirs["sd1"],
+                    "--text-lora", path,
                     "--unet-lora", path, *FAST)
     assert code == 1 and f"LoRA file '{path}' is not a readable safetensors file" in err
 
 
 def test_nan_loss_via_the_cli(cli, photo, tmp_path, tiny_model_dirs):
-    code, err = cli(photo, "--source", "a", "--target", "b", "--model", tiny_model_dirs["sd1"], "--lr", "1e6",
+    code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", tiny_model_dirs["sd1"],
+                    "--learning-rate", "1",
                     "--workdir", tmp_path / "w", *FAST)
     assert code == 1
     assert "dac-edit: error: Abduction-1 (UNet LoRA): the loss became nan" in err
 
 
 def test_text_lora_given_as_unet_lora(cli, photo, tmp_path, tiny_model_dirs, source_image):
-    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=2, te_steps=2, unet_rank=4,
+    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=2, text_steps=2, unet_rank=4,
                         sample_steps=1, device="cpu")
     result = edit(source_image, params, tmp_path / "w")
-    code, err = cli(photo, "--source", "a", "--target", "b", "--model", tiny_model_dirs["sd1"], "--unet-lora",
+    code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", tiny_model_dirs["sd1"],
+                    "--unet-lora",
                     result.text_lora_path, *FAST)
     assert code == 1 and "is not a UNet LoRA: it holds text-encoder layers only" in err
 
@@ -207,7 +219,7 @@ def test_text_lora_given_as_unet_lora(cli, photo, tmp_path, tiny_model_dirs, sou
 def test_grayscale_rgba_palette_and_16bit_photos_edit(tmp_path, source_image, tiny_model_dirs):
     import numpy as np
 
-    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=1, te_steps=1, unet_rank=4,
+    params = EditParams("a", "a b", model=tiny_model_dirs["sd1"], unet_steps=1, text_steps=1, unet_rank=4,
                         sample_steps=1, device="cpu")
     images = {
         "gray.png": source_image.convert("L"),

@@ -68,13 +68,13 @@ def load(path: str, dtype: torch.dtype):
     return model, clip, vae
 
 
-def train(pack, parts, image, dtype: str, unet_steps: int = 6, text_steps: int = 4, lr: float = 1e-3):
+def train(pack, parts, image, dtype: str, unet_steps: int = 6, text_steps: int = 4, learning_rate: float = 1e-3):
     model, clip, vae = parts
     with torch.inference_mode():
-        u, _, loss_u = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a red disc", unet_steps, lr, 8, 42,
-                                                   dtype, False, 0).args
+        u, _, loss_u = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a red disc", unet_steps, learning_rate,
+                                                   8, 42, dtype, False, 0).args
         d, loss_d = pack.AbductTextLoRA.execute(model, clip, vae, image, "a red disc with a hat", u, 0.8, text_steps,
-                                                lr, 4, 42, dtype).args
+                                                learning_rate, 4, 42, dtype).args
     return u, d, np.array(loss_u["loss"]), np.array(loss_d["loss"])
 
 
@@ -148,7 +148,7 @@ def test_half_precision_training_lowers_the_loss_and_every_layer_learns(pack, ti
     first_conv = tiny_fp16[0].model.diffusion_model.input_blocks[0][0]
     hook = first_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     try:
-        u, d, loss_u, loss_d = train(pack, tiny_fp16, image, dtype, unet_steps=40, text_steps=20, lr=2e-3)
+        u, d, loss_u, loss_d = train(pack, tiny_fp16, image, dtype, unet_steps=40, text_steps=20, learning_rate=2e-3)
     finally:
         hook.remove()
     assert set(seen) == {compute}

@@ -155,7 +155,7 @@ def images_of(entry) -> list[dict]:
 
 def test_pack_loads_with_every_node(server):
     info = server.get("/object_info")
-    from workflow_tools import load_spec
+    from tools.workflows import load_spec
 
     spec = load_spec()
     for node in spec.NODES:

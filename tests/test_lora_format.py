@@ -20,8 +20,9 @@ def trained(make_backend, latents):
     """A backend with a trained UNet LoRA and text-encoder LoRA (both active at +1)."""
     be = make_backend("sd1")
     lat = be.encode_image(latents)
-    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=15, lr=1e-2, rank=4)).lora
-    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=15, lr=1e-2), eta=0.8).lora
+    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=15, learning_rate=1e-2, rank=4)).lora
+    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=15, learning_rate=1e-2),
+                                eta=0.8).lora
     be.set_lora_scale(UNET, 1.0)
     be.set_lora_scale(TEXT_DELTA, 1.0)
     return be, u, d
@@ -88,16 +89,23 @@ def test_diffusers_load_lora_weights_reads_our_file(trained, tmp_path):
 
 
 def test_reference_peft_format_file_loads(trained, tmp_path, make_backend):
-    """The reference code saves `pytorch_lora_weights.safetensors` via diffusers + peft."""
+    """The reference code saves `pytorch_lora_weights.safetensors` via diffusers + peft: a
+    pipeline holding U and Delta as peft adapters, as the reference's does, writes one; our
+    backend reads it and, on the activation path (peft's, op for op), gives the same bits."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
+    from test_reference_semantics import add_reference_adapter, copy_weights
 
-    be, u, d = trained
-    expected = outputs(be.unet, be.text_encoder, be.tokenizer)
+    _, u, d = trained
+    pipe = tiny_pipeline("sd1")
+    for model, module, adapter, lora in (("unet", pipe.unet, "unet", u), ("text", pipe.text_encoder, "text", d)):
+        layers = add_reference_adapter(model, module, adapter, lora.layers[next(iter(lora.layers))].rank)
+        copy_weights(layers, adapter, {stem: (layer.down, layer.up) for stem, layer in lora.layers.items()})
+    expected = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path),
-        unet_lora_layers=get_peft_model_state_dict(be.unet, adapter_name=UNET),
-        text_encoder_lora_layers=get_peft_model_state_dict(be.text_encoder, adapter_name=TEXT_DELTA),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="unet"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="text"),
         safe_serialization=True,
     )
     path = tmp_path / "pytorch_lora_weights.safetensors"
@@ -105,7 +113,7 @@ def test_reference_peft_format_file_loads(trained, tmp_path, make_backend):
         assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in f.keys())
     loaded = L.load_lora(path)
     assert len(loaded.unet) == len(u) and len(loaded.text_encoder) == len(d)
-    fresh = make_backend("sd1")
+    fresh = make_backend("sd1", lora_path="activation")
     fresh.attach_lora(UNET, loaded)
     fresh.attach_lora(TEXT_DELTA, loaded)
     got = outputs(fresh.unet, fresh.text_encoder, fresh.tokenizer)

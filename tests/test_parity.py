@@ -54,8 +54,8 @@ def test_abductions_match_across_backends(flavour):
     g = torch.Generator().manual_seed(5)
     latents = LatentDistribution(torch.randn(1, 4, 8, 8, generator=g), 0.1 * torch.rand(1, 4, 8, 8, generator=g))
 
-    settings = stages.TrainSettings(steps=15, lr=1e-3, rank=4, seed=7)
-    text_settings = stages.TrainSettings(steps=10, lr=1e-3, rank=4, seed=7)
+    settings = stages.TrainSettings(steps=15, learning_rate=1e-3, rank=4, seed=7)
+    text_settings = stages.TrainSettings(steps=10, learning_rate=1e-3, rank=4, seed=7)
 
     with torch.inference_mode():
         comfy_be = ComfyBackend(comfy_tiny.tiny_model(flavour), comfy_tiny.tiny_clip(flavour))
@@ -102,9 +102,10 @@ def text_lora_of(backend, stages):
 
     g = torch.Generator().manual_seed(5)
     latents = LatentDistribution(torch.randn(1, 4, 8, 8, generator=g), 0.1 * torch.rand(1, 4, 8, 8, generator=g))
-    u = stages.abduct_unet_lora(backend, latents, "a red disc", stages.TrainSettings(steps=2, lr=1e-3, rank=4)).lora
+    settings = stages.TrainSettings(steps=2, learning_rate=1e-3, rank=4)
+    u = stages.abduct_unet_lora(backend, latents, "a red disc", settings).lora
     return u, stages.abduct_text_lora(backend, latents, "a red disc with a hat", u,
-                                      stages.TrainSettings(steps=6, lr=1e-2, rank=4), eta=0.8).lora
+                                      stages.TrainSettings(steps=6, learning_rate=1e-2, rank=4), eta=0.8).lora
 
 
 def encoded_with(backend, name, lora, strength):

@@ -24,13 +24,18 @@ the image each step and draws the latent with the VAE; the latent distribution h
 encoded once, and both sides multiply the same scaled mean and std.)
 
 Compared with `abduct_unet_lora`, `abduct_text_lora` and `counterfactual_sample(...,
-decode=False)` on one `DiffusersBackend`, on the tiny SD1 (epsilon) and SD2 (v-prediction)
-models: the loss at every step, every layer's down and up weights of U and Delta, and the
+decode=False)` on one `DiffusersBackend` with every LoRA on the activations
+(lora_path="activation", what peft computes, op for op), on the tiny SD1 (epsilon) and SD2
+(v-prediction) models: the loss at every step, every layer's down and up weights of U and Delta, and the
 final latents. Measured (2 CPU cores, torch 2.14.1, diffusers 0.42.1, peft 0.21.2):
 all of them bit for bit equal, for both models, with 1 and with 2 torch threads; so the
 tests use no tolerance. The two chains take about 3 s per model; the module about 13 s with
 its imports. They run on one torch thread: the ops are tiny, and with two OpenMP threads a
 busy second core made the same module take 137 s instead.
+
+The default backend (each LoRA layer through the weights or on the activations, whichever
+is cheaper) is compared with the activation path to float rounding
+(`test_the_default_lora_path_gives_the_references_results_to_float_rounding`).
 
 The annealing schedule is also compared on its own for every t
 (`test_annealing_schedule_matches_the_reference_formula`): DiffusersBackend.sample builds
@@ -67,8 +72,8 @@ REFERENCE_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 SOURCE, TARGET, NEGATIVE = "a red disc", "a red disc with a hat", ""
 ETA, BETA, CFG = 0.8, 0.75, 4.0  # beta != 1, so the strength -beta is checked, not only the sign
 SAMPLING_STEPS, SAMPLING_SEED, SIZE = 4, 29, (64, 64)
-U_SETTINGS = stages.TrainSettings(steps=8, lr=1e-3, rank=8, seed=7)
-DELTA_SETTINGS = stages.TrainSettings(steps=6, lr=1e-3, rank=4, seed=11)
+U_SETTINGS = stages.TrainSettings(steps=8, learning_rate=1e-3, rank=8, seed=7)
+DELTA_SETTINGS = stages.TrainSettings(steps=6, learning_rate=1e-3, rank=4, seed=11)
 
 
 def reference_gamma(t: int, eta: float) -> float:
@@ -137,7 +142,7 @@ def reference_fit(pipe, params, mean, std, prompt, s, eta=None):
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     ids = token_ids(pipe, prompt)
     g = torch.Generator().manual_seed(s.seed)
     losses = []
@@ -217,8 +222,8 @@ def reference_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor) -> dict
 
 # --- dac_core's stages ------------------------------------------------------------------------
 
-def dac_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor) -> dict:
-    backend = DiffusersBackend(tiny_pipeline(flavour), device="cpu")
+def dac_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor, lora_path: str) -> dict:
+    backend = DiffusersBackend(tiny_pipeline(flavour), device="cpu", lora_path=lora_path)
     dist = LatentDistribution(mean, std)
     u = stages.abduct_unet_lora(backend, dist, SOURCE, U_SETTINGS)
     delta = stages.abduct_text_lora(backend, dist, TARGET, u.lora, DELTA_SETTINGS, eta=ETA)
@@ -240,7 +245,7 @@ def chains(request, source_pixels):
             vae = tiny_pipeline(flavour).vae
             dist = vae.encode(source_pixels).latent_dist
             mean, std = dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
-        return reference_chain(flavour, mean, std), dac_chain(flavour, mean, std)
+        return reference_chain(flavour, mean, std), dac_chain(flavour, mean, std, "activation")
     finally:
         torch.set_num_threads(threads)
 
@@ -296,3 +301,46 @@ def test_annealing_schedule_matches_the_reference_formula():
                                for t in range(1000)])
         off = torch.nonzero(sampled != ref).flatten().tolist()
         assert not off, f"eta {eta}: sampling gamma differs from the reference's at t = {off}"
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def chains_auto(request, source_pixels):
+    """dac_core with each LoRA layer on its cheaper path (the default) and on peft's."""
+    flavour = request.param
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            vae = tiny_pipeline(flavour).vae
+            dist = vae.encode(source_pixels).latent_dist
+            mean, std = dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
+        return dac_chain(flavour, mean, std, "activation"), dac_chain(flavour, mean, std, "auto")
+    finally:
+        torch.set_num_threads(threads)
+
+
+# In the tiny UNets the time-embedding projection of a 32-channel block adds a per-channel
+# constant that the next GroupNorm (32 groups: one channel each) removes again: its true
+# gradient is zero, so what trains it is float rounding, which Adam scales to full steps.
+# Any change in the order of float operations changes these layers entirely.
+NOISE_TRAINED = ("lora_unet_down_blocks_0_resnets_0_time_emb_proj", "lora_unet_up_blocks_1_resnets_0_time_emb_proj",
+                 "lora_unet_up_blocks_1_resnets_1_time_emb_proj")
+
+
+def test_the_default_lora_path_gives_the_references_results_to_float_rounding(chains_auto):
+    """Through the weights or on the activations the LoRA is the same function; the paths
+    differ by float32 rounding, which training carries along (measured over 8 + 6 steps:
+    losses within 3e-7 relative, LoRA layers within 1.5e-4 in norm, latents 1.7e-6)."""
+    act, auto = chains_auto
+    assert auto["u_losses"] != act["u_losses"]  # some layer did take the weight path
+    for key in ("u_losses", "delta_losses"):
+        torch.testing.assert_close(torch.tensor(auto[key]), torch.tensor(act[key]), rtol=1e-5, atol=0)
+    for part in ("u", "delta"):
+        assert sorted(auto[part]) == sorted(act[part])
+        for stem, (down, up) in act[part].items():
+            if stem in NOISE_TRAINED:
+                continue
+            for got, want in zip(auto[part][stem], (down, up)):
+                assert (got - want).norm() <= 1e-3 * want.norm(), stem
+    scale = act["latents"].abs().max()
+    torch.testing.assert_close(auto["latents"], act["latents"], rtol=0, atol=1e-5 * scale)

@@ -246,7 +246,7 @@ def loaded_pack(tmp_path_factory):
 
 
 def test_comfyui_loads_the_pack_with_every_node(loaded_pack):
-    from workflow_tools import load_spec
+    from tools.workflows import load_spec
 
     assert loaded_pack["loaded"] is True, loaded_pack["log"][-3000:]
     assert {node.id for node in load_spec().NODES} <= set(loaded_pack["node_ids"])

@@ -35,5 +35,5 @@ def test_gamma_is_per_sample_for_a_batch_and_equals_fraction_form():
 
 @pytest.mark.parametrize("eta", [0.0, -0.1, 1.5, float("nan")])
 def test_eta_outside_range_is_rejected(eta):
-    with pytest.raises(ValueError, match=r"eta must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"eta must be a number in \(0, 1\], got "):
         gamma(10, eta)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(demo.SHIPPED_MOD
 def backend():
     from dac_core.diffusers_backend import DiffusersBackend
 
-    return DiffusersBackend.from_model(demo.shipped_model_path(), device="cpu")
+    return DiffusersBackend.from_model(demo.model_path(), device="cpu")
 
 
 def test_shipped_model_loads_as_the_documented_architecture(backend):
@@ -62,9 +62,9 @@ def test_demo_edit_changes_the_colour_and_keeps_the_rest(tmp_path, capsys):
     assert main(["--demo", "--workdir", str(work)]) == 0
     record = json.loads((work / "dac_edit.json").read_text())
     assert record["image"] == demo.SOURCE_IMAGE and record["params"]["model"] == demo.SHIPPED_MODEL
-    assert record["params"]["source"] == W.DEMO_CASE.source_prompt
-    assert record["params"]["target"] == W.DEMO_CASE.target_prompt
-    assert {k: record["params"][k] for k in demo.DAC_SETTINGS} == demo.DAC_SETTINGS
+    assert record["params"]["source_prompt"] == W.DEMO_CASE.source_prompt
+    assert record["params"]["target_prompt"] == W.DEMO_CASE.target_prompt
+    assert {k: record["params"][k] for k in demo.SETTINGS} == demo.SETTINGS
     result = bench.score(W.DEMO_CASE, Image.open(work / "edit.png"))
     assert result.edit_ok, "the circle did not turn green"
     # the rest: the square and the background colour stay, and the pixels outside the objects

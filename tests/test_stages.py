@@ -10,8 +10,8 @@ from dac_core.schedule import gamma_at_fraction
 from dac_core.stages import TrainSettings
 from dac_core.tiny import tiny_pipeline
 
-FAST_UNET = TrainSettings(steps=120, lr=2e-3, rank=8)
-FAST_TEXT = TrainSettings(steps=60, lr=2e-3, rank=4)
+FAST_UNET = TrainSettings(steps=120, learning_rate=2e-3, rank=8)
+FAST_TEXT = TrainSettings(steps=60, learning_rate=2e-3, rank=4)
 
 
 def base_weights(module: torch.nn.Module) -> dict:
@@ -68,7 +68,7 @@ def test_unet_lora_targets_are_the_reference_modules(make_backend, latents):
 def test_abduction2_trains_only_the_text_lora(make_backend, latents):
     be = make_backend("sd1")
     lat = be.encode_image(latents)
-    unet_lora = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=20, lr=2e-3, rank=8)).lora
+    unet_lora = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=20, learning_rate=2e-3, rank=8)).lora
     te_before = base_weights(be.text_encoder)
     unet_before = base_weights(be.unet)
     seen_grad = []
@@ -118,10 +118,11 @@ def test_abduction2_uses_gamma_of_each_samples_timestep(make_backend, latents):
 def test_extra_text_lora_stays_frozen_while_delta_trains(make_backend, latents):
     be = make_backend("sd1")
     lat = be.encode_image(latents)
-    unet_lora = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=5, lr=2e-3, rank=4)).lora
-    extra = stages.abduct_text_lora(be, lat, "a", unet_lora, TrainSettings(steps=10, lr=2e-3), name=TEXT_EXTRA).lora
+    unet_lora = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=5, learning_rate=2e-3, rank=4)).lora
+    text_settings = TrainSettings(steps=10, learning_rate=2e-3)
+    extra = stages.abduct_text_lora(be, lat, "a", unet_lora, text_settings, name=TEXT_EXTRA).lora
     assert extra.metadata["dac.stage"] == "extra_text"
-    stages.abduct_text_lora(be, lat, "a b", unet_lora, TrainSettings(steps=10, lr=2e-3), extra_text_lora=extra)
+    stages.abduct_text_lora(be, lat, "a b", unet_lora, text_settings, extra_text_lora=extra)
     after = be.export_lora(TEXT_EXTRA)
     for stem, layer in extra.layers.items():
         assert torch.equal(after.layers[stem].up, layer.up) and torch.equal(after.layers[stem].down, layer.down)
@@ -130,7 +131,7 @@ def test_extra_text_lora_stays_frozen_while_delta_trains(make_backend, latents):
 def test_per_sample_unet_strength_matches_one_sample_at_a_time(make_backend, latents):
     be = make_backend("sd1")
     lat = be.encode_image(latents)
-    stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=10, lr=5e-3, rank=4))
+    stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=10, learning_rate=5e-3, rank=4))
     g = torch.Generator().manual_seed(0)
     x0 = lat.mean.repeat(2, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=g)
@@ -155,7 +156,7 @@ def test_text_lora_at_minus_beta_equals_base_minus_beta_delta(make_backend, late
     be = make_backend("sd1")
     lat = be.encode_image(latents)
     unet_lora = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=2, rank=4)).lora
-    delta = stages.abduct_text_lora(be, lat, "a cat", unet_lora, TrainSettings(steps=20, lr=2e-2)).lora
+    delta = stages.abduct_text_lora(be, lat, "a cat", unet_lora, TrainSettings(steps=20, learning_rate=2e-2)).lora
     beta = 0.7
     be.set_lora_scale(TEXT_DELTA, -beta)
     with torch.no_grad():
@@ -185,7 +186,7 @@ def test_sampling_anneals_the_unet_lora_at_every_step(make_backend, latents):
     original = be.set_lora_scale
     be.set_lora_scale = lambda name, s: (seen.append((name, s)), original(name, s))[1]
     images = stages.counterfactual_sample(be, "a b", unet_lora, delta, (64, 48), eta=0.6, beta=1.0, steps=5,
-                                          num_images=2)
+                                          batch_size=2)
     assert images.shape == (2, 3, 48, 64)
     assert (TEXT_DELTA, -1.0) in seen
     per_step = [s for n, s in seen if n == UNET and isinstance(s, torch.Tensor)]
@@ -201,8 +202,8 @@ def test_same_seed_same_result_bit_for_bit(make_backend, latents, flavour):
     for _ in range(2):
         be = make_backend(flavour)
         lat = be.encode_image(latents)
-        u = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=8, lr=1e-3, rank=4)).lora
-        d = stages.abduct_text_lora(be, lat, "a b", u, TrainSettings(steps=8, lr=1e-3)).lora
+        u = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=8, learning_rate=1e-3, rank=4)).lora
+        d = stages.abduct_text_lora(be, lat, "a b", u, TrainSettings(steps=8, learning_rate=1e-3)).lora
         img = stages.counterfactual_sample(be, "a b", u, d, (64, 64), steps=4, seed=3)
         outs.append((u, d, img))
     (u1, d1, i1), (u2, d2, i2) = outs
@@ -231,11 +232,11 @@ def test_v_prediction_loss_targets_the_velocity(make_backend, latents):
 def test_non_finite_loss_stops_the_stage(make_backend, latents):
     be = make_backend("sd1")
     with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at step \d+ of 30.*lower learning rate"):
-        stages.abduct_unet_lora(be, be.encode_image(latents), "a", TrainSettings(steps=30, lr=1e6, rank=4))
+        stages.abduct_unet_lora(be, be.encode_image(latents), "a", TrainSettings(steps=30, learning_rate=1.0, rank=4))
 
 
 def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
-    settings = TrainSettings(steps=12, lr=1e-3, rank=4)
+    settings = TrainSettings(steps=12, learning_rate=1e-3, rank=4)
     be = make_backend("sd1")
     full = stages.abduct_unet_lora(be, be.encode_image(latents), "a", settings)
     saved = []
@@ -257,18 +258,20 @@ def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
 
 
 def test_counterfactual_settings_are_checked_once_not_per_sampler_step(make_backend, latents, monkeypatch):
-    from dac_core import schedule
+    from dac_core import params
 
     be = make_backend("sd1")
     lat = be.encode_image(latents)
     u = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=2, rank=4)).lora
     d = stages.abduct_text_lora(be, lat, "a b", u, TrainSettings(steps=2, rank=4)).lora
     calls = []
-    real = schedule.check_eta
-    monkeypatch.setattr(schedule, "check_eta", lambda eta: calls.append(eta) or real(eta))
+    real = params.Param.check
+    monkeypatch.setattr(params.Param, "check", lambda self, value, label=None: calls.append(self.name) or
+                        real(self, value, label))
     stages.counterfactual_sample(be, "a b", u, d, (64, 64), eta=0.6, steps=5, decode=False)
-    assert calls == [0.6]
-    for eta, beta, message in ((1.5, 1.0, r"eta must be in \(0, 1\]"), (0.8, float("inf"), "beta must be a finite")):
+    assert sorted(calls) == sorted(["eta", "beta", "sample_steps", "cfg", "seed", "batch_size"])
+    for eta, beta, message in ((1.5, 1.0, r"eta must be a number in \(0, 1\], got 1.5"),
+                               (0.8, float("inf"), r"beta must be a number in \[-3, 5\], got inf")):
         with pytest.raises(DACError, match=message):
             stages.counterfactual_sample(be, "a b", u, d, (64, 64), eta=eta, beta=beta, steps=2)
 
@@ -280,7 +283,7 @@ def test_gradients_are_not_clipped_unless_asked(make_backend, latents):
     for label, norm in (("default", None), ("zero", 0.0), ("clipped", 1e-3)):
         be = make_backend("sd1")
         runs[label] = stages.abduct_unet_lora(be, be.encode_image(latents), "a", TrainSettings(
-            steps=6, lr=1e-3, rank=4, max_grad_norm=norm))
+            steps=6, learning_rate=1e-3, rank=4, max_grad_norm=norm))
     assert runs["default"].losses == runs["zero"].losses
     assert runs["default"].lora.metadata["dac.max_grad_norm"] == "0"
     assert runs["clipped"].lora.metadata["dac.max_grad_norm"] == "0.001"
@@ -297,7 +300,7 @@ def test_float16_training_skips_overflowing_steps_and_resumes_exactly(latents, m
     from dac_core.diffusers_backend import DiffusersBackend
 
     monkeypatch.setattr(torch.amp, "GradScaler", HugeLossScale)
-    settings = TrainSettings(steps=30, lr=2e-3, rank=4)
+    settings = TrainSettings(steps=30, learning_rate=2e-3, rank=4)
 
     def backend():
         return DiffusersBackend(tiny_pipeline("sd1"), device="cpu", dtype="float16")
@@ -330,10 +333,11 @@ def test_float16_training_skips_overflowing_steps_and_resumes_exactly(latents, m
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (TrainSettings(steps=0), "UNet LoRA steps must be a positive integer, got 0"),
-        (TrainSettings(rank=-2), "UNet LoRA rank must be a positive integer, got -2"),
-        (TrainSettings(lr=0.0), "UNet LoRA learning rate must be a positive number, got 0.0"),
-        (TrainSettings(max_grad_norm=-1.0), "UNet LoRA max_grad_norm must be 0 or none .no clipping. or a positive"),
+        (TrainSettings(steps=0), r"UNet LoRA steps must be an integer in \[1, 100000\], got 0"),
+        (TrainSettings(rank=-2), r"UNet LoRA rank must be an integer in \[1, 1024\], got -2"),
+        (TrainSettings(rank=2000), r"UNet LoRA rank must be an integer in \[1, 1024\], got 2000"),
+        (TrainSettings(learning_rate=0.0), r"UNet LoRA learning_rate must be a number in \(0, 1\], got 0.0"),
+        (TrainSettings(max_grad_norm=-1.0), r"UNet LoRA max_grad_norm must be a number in \[0, 1000\], got -1.0"),
     ],
 )
 def test_bad_settings_are_named(make_backend, latents, settings, message):

@@ -7,7 +7,8 @@ import json
 import os
 
 import pytest
-import workflow_tools as wt
+
+from tools import workflows as wt
 
 UI_PATHS = wt.ui_workflow_paths()
 EXPECTED_WORKFLOWS = {"dac_basic_edit.json", "dac_controlnet_edit.json", "dac_edit_then_upscale.json",
@@ -55,10 +56,10 @@ def test_workflow_layout_runs_left_to_right_without_overlaps(path):
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
 def test_api_copy_equals_the_converted_ui_workflow(path):
     expected = wt.ui_to_api(_load(path), wt.widget_names())
-    assert os.path.exists(wt.api_path(path)), "run: python tests/workflow_tools.py"
+    assert os.path.exists(wt.api_path(path)), "run: python -m tools.workflows"
     with open(wt.api_path(path), encoding="utf-8") as f:
         text = f.read()
-    assert json.loads(text) == expected, "stale API copy; run: python tests/workflow_tools.py"
+    assert json.loads(text) == expected, "stale API copy; run: python -m tools.workflows"
     assert text == wt.dumps(expected)
 
 
@@ -319,7 +320,9 @@ def test_spec_widget_defaults_are_in_range(spec):
                 assert i.default in i.options, (node.id, i.name)
 
 
-def test_nodes_reference_is_current(spec):
-    """NODES.md is generated from nodes/spec.py; regenerate it with `python nodes/spec.py > NODES.md`."""
-    with open(os.path.join(wt.ROOT, "NODES.md"), encoding="utf-8") as f:
-        assert f.read() == spec.reference_markdown()
+def test_nodes_reference_is_current():
+    """NODES.md is generated from nodes/spec.py; regenerate it with `python -m tools.nodes_md`."""
+    from tools import nodes_md
+
+    with open(nodes_md.PATH, encoding="utf-8") as f:
+        assert f.read() == nodes_md.reference_markdown()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import world as W
-from ..demo import DAC_SETTINGS, shipped_model_path
+from ..demo import SETTINGS, model_path
 from ..errors import DACError
 from ..files import atomic_path, write_json
 from ..image import image_to_tensor, tensor_to_images, wrap
@@ -76,18 +76,18 @@ def score(case: W.Case, image) -> Score:
 
 @dataclass
 class Settings:
-    """DAC's settings on the world model (defaults: `dac_core.demo.DAC_SETTINGS`); every method
+    """DAC's settings on the world model (defaults: `dac_core.demo.SETTINGS`); every method
     samples with the same steps and guidance."""
 
-    unet_steps: int = DAC_SETTINGS["unet_steps"]
-    te_steps: int = DAC_SETTINGS["te_steps"]
-    unet_rank: int = DAC_SETTINGS["unet_rank"]
-    te_rank: int = DAC_SETTINGS["te_rank"]
-    lr: float = DAC_SETTINGS["lr"]
-    max_grad_norm: float = DAC_SETTINGS["max_grad_norm"]
-    eta: float = DAC_SETTINGS["eta"]
-    sample_steps: int = DAC_SETTINGS["sample_steps"]
-    cfg: float = DAC_SETTINGS["cfg"]
+    unet_steps: int = SETTINGS["unet_steps"]
+    text_steps: int = SETTINGS["text_steps"]
+    unet_rank: int = SETTINGS["unet_rank"]
+    text_rank: int = SETTINGS["text_rank"]
+    learning_rate: float = SETTINGS["learning_rate"]
+    max_grad_norm: float = SETTINGS["max_grad_norm"]
+    eta: float = SETTINGS["eta"]
+    sample_steps: int = SETTINGS["sample_steps"]
+    cfg: float = SETTINGS["cfg"]
 
 
 METHODS = ("DAC", "target prompt only", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)",
@@ -109,8 +109,8 @@ def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=ME
     pixels = image_to_tensor(W.render(case.source), (W.SIZE, W.SIZE))
     latents = backend.encode_image(pixels)
     size = (W.SIZE, W.SIZE)
-    train_u = TrainSettings(s.unet_steps, s.lr, s.unet_rank, max_grad_norm=s.max_grad_norm)
-    train_delta = TrainSettings(s.te_steps, s.lr, s.te_rank, max_grad_norm=s.max_grad_norm)
+    train_u = TrainSettings(s.unet_steps, s.learning_rate, s.unet_rank, max_grad_norm=s.max_grad_norm)
+    train_delta = TrainSettings(s.text_steps, s.learning_rate, s.text_rank, max_grad_norm=s.max_grad_norm)
     needs_u = {"DAC", "Abduction-1 only", "DAC eta=1 (no annealing)", "DAC beta=0 (no subtraction)"} & set(methods)
     u = None
     if needs_u:
@@ -128,7 +128,7 @@ def run_methods(backend, case: W.Case, s: Settings, seeds: list[int], methods=ME
         # one batch: image i has seed seeds[0] + i, as if sampled alone
         return tensor_to_images(counterfactual_sample(
             backend, case.target_prompt, unet_lora, text_lora, size, eta=eta, beta=beta, steps=s.sample_steps,
-            cfg=s.cfg, seed=seeds[0], num_images=len(seeds)))
+            cfg=s.cfg, seed=seeds[0], batch_size=len(seeds)))
 
     for method in methods:
         if method == "DAC":
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
     if unknown or not methods:
         p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}")
     try:
-        model = args.model or shipped_model_path()
+        model = args.model or model_path()
     except DACError as e:
         p.error(str(e))
     results = run(model, cases, settings, args.seeds, methods=methods)

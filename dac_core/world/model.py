@@ -5,7 +5,7 @@ and a DDIM scheduler (v-prediction on a zero-terminal-SNR schedule, trailing tim
 
 Here: its configs and its untrained pipeline (`build_pipeline`). `dac_core.world.train`
 trains it, `dac_core.world.evaluate` checks what it draws; the trained model ships in
-dac_core/assets/world_model (`dac_core.demo.shipped_model_path`). The design notes and
+dac_core/assets/world_model (`dac_core.demo.model_path`). The design notes and
 measurements are in docs/world_model.md.
 """
 

@@ -10,20 +10,20 @@
 - `ui_to_api(ui, widget_names)`: the API-format prompt (what POST /prompt takes) of a UI-format
   workflow. `widget_names()` gives the table it needs for our nodes and the core ones.
 
-`python tests/workflow_tools.py` rewrites workflows/api/*.json from workflows/*.json;
+`python -m tools.workflows` rewrites workflows/api/*.json from workflows/*.json;
 `--check` only reports the files that differ.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import sys
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tools.pack import ROOT, import_pack, node_spec
+
 WORKFLOWS_DIR = os.path.join(ROOT, "workflows")
 API_DIR = os.path.join(WORKFLOWS_DIR, "api")
 
@@ -130,21 +130,7 @@ CORE_NODES: dict[str, dict] = {
 
 # --- node definitions -------------------------------------------------------------------------
 
-_SPEC = None
-
-
-def load_spec():
-    """nodes/spec.py, loaded by path under its own module name (a later test may have ComfyUI's own
-    `nodes` module on sys.path)."""
-    global _SPEC
-    if _SPEC is None:
-        name = "dac_workflow_tools_spec"
-        module_spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "nodes", "spec.py"))
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        module_spec.loader.exec_module(module)
-        _SPEC = module
-    return _SPEC
+load_spec = node_spec  # nodes/spec.py of the pack, imported as a package (never ComfyUI's `nodes`)
 
 
 @dataclass(frozen=True)
@@ -513,8 +499,11 @@ def main(argv: list[str]) -> int:
         if current != text:
             stale.append(target)
             if not check:
+                from dac_pack.dac_core.files import atomic_path
+
+                import_pack()
                 os.makedirs(API_DIR, exist_ok=True)
-                with open(target, "w", encoding="utf-8") as f:
+                with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
                     f.write(text)
     for target in stale:
         print(("stale: " if check else "wrote: ") + os.path.relpath(target, ROOT))

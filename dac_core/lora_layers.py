@@ -1,0 +1,173 @@
+"""LoRA layers that take the cheaper of two mathematically equal paths, layer by layer.
+
+A LoRA adds s * (alpha / rank) * up @ down to a layer's weight W. It can be applied
+
+- on the activations (what peft does): y = W x + s * (alpha / rank) * up (down x), which
+  costs about tokens * rank * (in + out) per call, and in training stores down x; or
+- through the weights: y = (W + s * (alpha / rank) * up @ down) x, which costs
+  rank * in * out to form the weight (in training also the weight's gradient,
+  tokens * in * out), and nothing if the LoRA is frozen and its up @ down is cached.
+
+`LoRAHost` wraps one Linear or Conv2d with any number of named LoRAs. With path "auto" it
+picks, at every call, the path whose cost is lower for this layer, this input size and
+whether the LoRA trains: at 64-128 px a rank-512 UNet LoRA is cheaper through the weights
+(the layers have few channels and many tokens), at SD size the deep 1280-channel layers
+with few tokens are cheaper on the activations. A frozen LoRA (U in Abduction-2 and in
+sampling) caches up @ down once; each call then costs one add, W + gamma * dU.
+
+Both paths are the same function with the same parameters and gradients; they differ by
+float rounding only. The activation path computes exactly what peft computes, op for op.
+A strength may be a float, a 0-dim tensor, or a tensor with one entry per sample of the
+batch (gamma(t) at per-sample timesteps); per-sample strengths that differ use the
+activation path. LoRA weights are float32 whatever the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .lora import LoRALayer
+
+PATHS = ("auto", "weight", "activation")
+
+
+class LoRAHost(torch.nn.Module):
+    """A Linear or Conv2d (`base_layer`, unchanged) plus named LoRAs, each with a strength."""
+
+    def __init__(self, base_layer: torch.nn.Linear | torch.nn.Conv2d, path: str = "auto"):
+        super().__init__()
+        if not isinstance(base_layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise TypeError(f"a LoRA layer wraps a Linear or Conv2d, not {type(base_layer).__name__}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.base_layer = base_layer
+        self.lora_down = torch.nn.ParameterDict()
+        self.lora_up = torch.nn.ParameterDict()
+        self.alpha: dict[str, float] = {}
+        self.strength: dict[str, float | torch.Tensor] = {}
+        self.path = path
+        self._cached: dict[str, torch.Tensor] = {}  # name -> (alpha / rank) * up @ down of a frozen LoRA
+        self.last_paths: dict[str, str] = {}  # name -> the path the last call took (for tests and benchmarks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    # --- the LoRAs ----------------------------------------------------------------------
+    def add(self, name: str, layer: LoRALayer, trainable: bool) -> list[torch.nn.Parameter]:
+        """Attach LoRA `name` (float32 copies of `layer`'s factors) at strength 1."""
+        device = self.base_layer.weight.device
+        down = torch.nn.Parameter(layer.down.to(device, torch.float32, copy=True), requires_grad=trainable)
+        up = torch.nn.Parameter(layer.up.to(device, torch.float32, copy=True), requires_grad=trainable)
+        self.lora_down[name], self.lora_up[name] = down, up
+        self.alpha[name] = float(layer.alpha)
+        self.strength[name] = 1.0
+        self._cached.pop(name, None)
+        return [down, up] if trainable else []
+
+    def remove(self, name: str) -> None:
+        for table in (self.lora_down, self.lora_up):
+            if name in table:
+                del table[name]
+        for table in (self.alpha, self.strength, self._cached, self.last_paths):
+            table.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self.lora_down.keys())
+
+    def export(self, name: str) -> LoRALayer:
+        return LoRALayer(self.lora_down[name].detach().float().cpu().clone(),
+                         self.lora_up[name].detach().float().cpu().clone(), self.alpha[name])
+
+    def set_strength(self, name: str, strength: float | torch.Tensor) -> None:
+        self.strength[name] = strength
+
+    def _trains(self, name: str) -> bool:
+        return self.lora_down[name].requires_grad or self.lora_up[name].requires_grad
+
+    def _delta(self, name: str) -> torch.Tensor:
+        """(alpha / rank) * up @ down, float32, shaped like the weight; cached while frozen."""
+        if name in self._cached:
+            return self._cached[name]
+        down, up = self.lora_down[name], self.lora_up[name]
+        d = (up.flatten(1) @ down.flatten(1)).view(self.base_layer.weight.shape) * (self.alpha[name] / down.shape[0])
+        if not self._trains(name):
+            self._cached[name] = d.detach()
+        return d
+
+    # --- the cost model -----------------------------------------------------------------
+    def _tokens(self, x: torch.Tensor) -> int:
+        """Positions the layer is applied at (output positions for a convolution)."""
+        base = self.base_layer
+        if isinstance(base, torch.nn.Linear):
+            return x.numel() // x.shape[-1]
+        h, w = x.shape[-2:]
+        sh, sw = base.stride
+        return x.shape[0] * max(h // sh, 1) * max(w // sw, 1)
+
+    def through_weights(self, name: str, x: torch.Tensor) -> bool:
+        """Whether LoRA `name` is cheaper through the weights for input `x` (multiply-adds)."""
+        if self.path != "auto":
+            return self.path == "weight"
+        out_f, fan_in = self.base_layer.weight.shape[0], self.base_layer.weight[0].numel()
+        rank, tokens = self.lora_down[name].shape[0], self._tokens(x)
+        activation = tokens * rank * (fan_in + out_f)
+        if self._trains(name) and torch.is_grad_enabled():
+            # forward + two backward products on each side; the weight path also computes
+            # the merged weight's gradient (tokens * in * out) and its factors' (2 * rank * in * out)
+            return tokens * out_f * fan_in + 3 * rank * out_f * fan_in <= 3 * activation
+        # frozen: up @ down is formed once and cached (not counted), each call adds it to W
+        return out_f * fan_in <= activation * (2 if torch.is_grad_enabled() else 1)
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        merged: list[tuple[str, float | torch.Tensor]] = []
+        separate: list[tuple[str, float | torch.Tensor]] = []
+        for name in self.lora_down.keys():
+            s = self.strength[name]
+            if isinstance(s, (int, float)) and s == 0:
+                continue
+            if isinstance(s, torch.Tensor) and s.numel() == 1:
+                s = s.reshape(())
+            per_sample = isinstance(s, torch.Tensor) and s.dim() > 0
+            weight_path = not per_sample and self.through_weights(name, x)
+            (merged if weight_path else separate).append((name, s))
+            self.last_paths[name] = "weight" if weight_path else "activation"
+        if merged:
+            w = base.weight
+            delta = sum(self._delta(name) * s for name, s in merged)
+            w = (w.to(delta.dtype) + delta).to(w.dtype)
+            if isinstance(base, torch.nn.Linear):
+                result = F.linear(x, w, base.bias)
+            else:
+                result = base._conv_forward(x, w, base.bias)
+        else:
+            result = base(x)
+        out_dtype = result.dtype
+        for name, s in separate:
+            down, up = self.lora_down[name], self.lora_up[name]
+            xa = x.to(down.dtype)
+            if isinstance(base, torch.nn.Linear):
+                h = F.linear(F.linear(xa, down), up)
+            else:
+                h = F.conv2d(F.conv2d(xa, down, None, base.stride, base.padding), up)
+            scaling = self.alpha[name] / down.shape[0]
+            if isinstance(s, torch.Tensor) and s.dim() > 0:
+                if s.shape[0] != x.shape[0]:
+                    raise ValueError(f"LoRA {name!r} strength has {s.shape[0]} entries for a batch of {x.shape[0]}")
+                scaling = scaling * s.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+            else:
+                scaling = scaling * s
+            result = result + h * scaling
+        return result.to(out_dtype)
+
+
+def hosts(model: torch.nn.Module) -> list[tuple[str, LoRAHost]]:
+    """(module name, host) of every LoRA layer in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAHost)]
