@@ -3,22 +3,24 @@
 For each model size and stage, each variant runs in a fresh process (so each peak memory is
 its own) on the diffusers backend, with the stage functions of dac_core themselves:
 
-- Abduction-1 (UNet LoRA U, rank 512, trains): `activation` (every LoRA on the
-  activations, as peft and the reference scripts do), `auto` (the default: each layer the
-  cheaper path) and the floor `bare`: the same loss and AdamW training the adapted weights
-  themselves, no LoRA.
+- Abduction-1 (UNet LoRA U, rank 512, trains): `reference` (as the reference scripts
+  compute: every LoRA on the activations, peft's operations, torch's default AdamW;
+  `DiffusersBackend(exact_reference=True)`), `auto` (the default: each layer the cheaper
+  path, fused AdamW) and the floor `bare`: the same loss and AdamW training the adapted
+  weights themselves, no LoRA.
 - Abduction-2 (text-encoder LoRA Delta, rank 4, trains through U frozen at gamma(t)):
-  `activation`, `auto`, and the floor `bare`: no U, the text encoder's adapted weights
+  `reference`, `auto`, and the floor `bare`: no U, the text encoder's adapted weights
   trained (the UNet computes no weight gradients).
-- Counterfactual sampling (30-step DDIM, cfg 4, U at gamma(t), Delta at -1): `activation`,
-  `auto`, and the floor `fixed U`: U multiplied into the UNet's weights once, no LoRA.
+- Counterfactual sampling (DDIM, cfg 4, U at gamma(t), Delta at -1): `reference`, `auto`,
+  and the floor `fixed U`: U multiplied into the UNet's weights once, no LoRA.
 
 Sizes: `tiny` (the tests' UNet, 32/64 channels, 64 px), `mid` (64/128/256 channels,
 128 px) and `sd21` (Stable Diffusion 2.1-base's UNet and text encoder, random weights,
 512 px). s/step is the median over the measured steps after warm-up; peak memory is the
-process's peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA.
+process's peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA, and what the stage
+added to the memory held after loading the model and the LoRAs (the stage's own cost).
 
-    python benchmarks/speed.py [--sizes tiny,mid,sd21] [--steps 6] [--device cpu|cuda]
+    python benchmarks/speed.py [--sizes tiny,mid,sd21] [--steps N] [--device cpu|cuda]
         [--dtype float32|bfloat16|float16] [--json out.json] [--markdown out.md]
 """
 
@@ -35,14 +37,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _env import environment, peak_rss_mb  # noqa: E402
+from _env import environment, peak_rss_mb, rss_mb  # noqa: E402
 from sd_shapes import OPENCLIP_H, SD21  # noqa: E402
 
-STAGES = {"abduction1": ("activation", "auto", "bare"), "abduction2": ("activation", "auto", "bare"),
-          "sampling": ("activation", "auto", "fixed U")}
+STAGES = {"abduction1": ("reference", "auto", "bare"), "abduction2": ("reference", "auto", "bare"),
+          "sampling": ("reference", "auto", "fixed U")}
 SIZES = ("tiny", "mid", "sd21")
 SIDE = {"tiny": 64, "mid": 128, "sd21": 512}
 WARMUP = {"tiny": 3, "mid": 2, "sd21": 1}
+MEASURED = {"tiny": 8, "mid": 6, "sd21": 2}  # steps measured after warm-up, unless --steps says
 UNET_RANK, TEXT_RANK = 512, 4
 PROMPT = "a red disc with a hat"
 
@@ -74,7 +77,7 @@ def _bare_fit(backend, weights, latents, cond_fn, steps, progress):
     for w in weights:
         w.requires_grad_(True)
     optimizer = torch.optim.AdamW(weights, lr=1e-4, betas=stages.ADAM_BETAS, weight_decay=stages.WEIGHT_DECAY,
-                                  eps=stages.ADAM_EPS)
+                                  eps=stages.ADAM_EPS, fused=backend.device.type in ("cpu", "cuda") or None)
     generator = torch.Generator().manual_seed(42)
     for step in range(steps):
         x0 = latents.sample(1, generator)
@@ -96,8 +99,7 @@ def child(size: str, stage: str, variant: str, steps: int, device: str, dtype: s
     from dac_core.diffusers_backend import DiffusersBackend
     from dac_core.lora import fresh_lora
 
-    backend = DiffusersBackend(pipeline(size), device=device, dtype=dtype,
-                               lora_path="activation" if variant == "activation" else "auto")
+    backend = DiffusersBackend(pipeline(size), device=device, dtype=dtype, exact_reference=variant == "reference")
     side = SIDE[size] // backend.latent_factor
     g = torch.Generator().manual_seed(0)
     latents = LatentDistribution(torch.randn(1, 4, side, side, generator=g).to(backend.device),
@@ -114,8 +116,10 @@ def child(size: str, stage: str, variant: str, steps: int, device: str, dtype: s
         times.append(time.perf_counter())
 
     total = WARMUP[size] + steps
-    if backend.device.type == "cuda":
+    cuda = backend.device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    loaded = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()  # model and LoRAs in memory
     start = time.perf_counter()
     if stage == "abduction1":
         if variant == "bare":
@@ -144,9 +148,9 @@ def child(size: str, stage: str, variant: str, steps: int, device: str, dtype: s
         stages.counterfactual_sample(backend, PROMPT, unet_lora, delta, (SIDE[size], SIDE[size]), steps=total,
                                      progress=progress, decode=False)
     durations = [b - a for a, b in zip([start, *times[:-1]], times)][WARMUP[size]:]
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if backend.device.type == "cuda" else peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {"size": size, "stage": stage, "variant": variant, "s_per_step": statistics.median(durations),
-            "steps_measured": len(durations), "peak_mb": round(peak),
+            "steps_measured": len(durations), "peak_mb": round(peak), "added_mb": round(peak - loaded),
             **environment(str(backend.device), dtype)}
 
 
@@ -156,9 +160,9 @@ def ratio(rows: list[dict], size: str, stage: str, a: str, b: str, key: str = "s
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model, side | stage | s/step: activation (peft) | auto | floor | auto / floor | auto / activation "
-            "| peak MB: activation | auto | floor | auto / activation |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model, side | stage (floor) | s/step: reference | auto | floor | auto / floor | auto / reference "
+            "| peak MB: reference | auto | floor | added by the stage, MB: reference | auto | auto / reference |")
+    lines = [head, "|" + "---|" * 13]
     for size in SIZES:
         for stage, variants in STAGES.items():
             got = {r["variant"]: r for r in rows if r["size"] == size and r["stage"] == stage}
@@ -169,7 +173,8 @@ def markdown(rows: list[dict]) -> str:
                 f"| {size}, {SIDE[size]} px | {stage} ({variants[2]}) | {act['s_per_step']:.3f} | "
                 f"{auto['s_per_step']:.3f} | {floor['s_per_step']:.3f} | "
                 f"{auto['s_per_step'] / floor['s_per_step']:.2f} | {auto['s_per_step'] / act['s_per_step']:.2f} | "
-                f"{act['peak_mb']} | {auto['peak_mb']} | {floor['peak_mb']} | {auto['peak_mb'] / act['peak_mb']:.2f} |")
+                f"{act['peak_mb']} | {auto['peak_mb']} | {floor['peak_mb']} | {act['added_mb']} | {auto['added_mb']} | "
+                f"{auto['added_mb'] / max(act['added_mb'], 1):.2f} |")
     return "\n".join(lines)
 
 
@@ -177,7 +182,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
-    p.add_argument("--steps", type=int, default=6, help="measured steps per variant, after warm-up (default 6)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="measured steps per variant, after warm-up (default: tiny 8, mid 6, sd21 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", help="write every row here")
@@ -188,28 +194,30 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
-        print(json.dumps(child(*args.child, args.steps, device, args.dtype)))
+        print(json.dumps(child(*args.child, args.steps or MEASURED[args.child[0]], device, args.dtype)))
         return
     rows = []
     for size in args.sizes.split(","):
         for stage in args.stages.split(","):
             for variant in STAGES[stage]:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", size, stage, variant,
-                                      "--steps", str(args.steps), "--device", device, "--dtype", args.dtype],
+                                      "--steps", str(args.steps or MEASURED[size]), "--device", device,
+                                      "--dtype", args.dtype],
                                      capture_output=True, text=True, cwd=ROOT)
                 if out.returncode:
                     sys.exit(f"{size} {stage} {variant} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"{size:<5} {stage:<11} {variant:<11} {row['s_per_step']:8.3f} s/step {row['peak_mb']:7d} MB",
-                      flush=True)
+                print(f"{size:<5} {stage:<11} {variant:<11} {row['s_per_step']:8.3f} s/step "
+                      f"{row['peak_mb']:7d} MB peak, "
+                      f"{row['added_mb']:6d} MB added", flush=True)
     env = {k: rows[0][k] for k in ("device", "dtype", "threads", "torch")}
     print(f"\n{env}\n")
     print(markdown(rows))
     if args.json:
         from dac_core.files import write_json
 
-        write_json(args.json, {"environment": env, "steps": args.steps, "rows": rows}, indent=2)
+        write_json(args.json, {"environment": env, "rows": rows}, indent=2)
     if args.markdown:
         from dac_core.files import atomic_path
 

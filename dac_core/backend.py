@@ -59,6 +59,9 @@ class DACBackend(ABC):
     # What the model computes in while training (LoRA weights stay float32); float16 makes
     # the stages scale the loss (torch.amp.GradScaler).
     training_dtype: torch.dtype = torch.float32
+    # AdamW as one fused kernel per step (the same update, rounded differently); False: torch's
+    # default implementation, as the reference scripts use it.
+    fused_optimizer: bool = True
 
     # --- images and prompts -------------------------------------------------------------
     @abstractmethod

@@ -2,9 +2,11 @@
 
 LoRAs sit on the reference code's target layers of the pipeline's own UNet and CLIP text
 encoder, as `lora_layers.LoRAHost` wrappers that apply each LoRA through the weights or on
-the activations, whichever is cheaper for the layer (`lora_path` forces one: "activation"
-computes what peft computes, op for op). The UNet LoRA's strength gamma(t) may be given per
-sample, so one batch can mix timesteps (the reference is limited to batch size 1).
+the activations, whichever is cheaper for the layer, and train with a fused AdamW. With
+exact_reference=True the backend computes as the reference scripts do, op for op: every
+LoRA on the activations (peft's operations) and torch's default AdamW. The UNet LoRA's
+strength gamma(t) may be given per sample, so one batch can mix timesteps (the reference is
+limited to batch size 1).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from .backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
 from .errors import DACError
 from .lora import TEXT_TARGETS, UNET_TARGETS, LoRA, fitting_part, text_encoder_stem, unet_stem
-from .lora_layers import PATHS, LoRAHost, hosts
+from .lora_layers import LoRAHost, hosts
 
 log = logging.getLogger("dac_core")
 
@@ -81,13 +83,12 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
 
 class DiffusersBackend(DACBackend):
     def __init__(self, pipe, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
-                 lora_path: str = "auto"):
-        """`lora_path`: "auto" (each layer the cheaper way), "weight" or "activation"."""
+                 exact_reference: bool = False):
+        """exact_reference: compute as the reference scripts, op for op (slower; for comparisons)."""
         from diffusers import DDPMScheduler
 
-        if lora_path not in PATHS:
-            raise DACError(f"lora_path must be one of {', '.join(PATHS)}, got {lora_path!r}")
-        self.lora_path = lora_path
+        self.lora_path = "activation" if exact_reference else "auto"
+        self.fused_optimizer = not exact_reference
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.dtype = resolve_dtype(dtype)
         self.training_dtype = self.dtype  # the model computes in its weights' dtype; LoRAs stay float32
@@ -110,10 +111,10 @@ class DiffusersBackend(DACBackend):
 
     @classmethod
     def from_model(cls, model: str, device: str | None = "cpu", dtype: str | None = None,
-                   lora_path: str = "auto") -> DiffusersBackend:
+                   exact_reference: bool = False) -> DiffusersBackend:
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
-        return cls(load_pipeline(model, dt), dev, dt, lora_path)
+        return cls(load_pipeline(model, dt), dev, dt, exact_reference)
 
     # --- images and prompts -------------------------------------------------------------
     @torch.no_grad()
@@ -211,6 +212,8 @@ class DiffusersBackend(DACBackend):
         return LoRA(layers)
 
     def set_lora_scale(self, name, scale):
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            scale = float(scale)  # one strength for the batch: once here, not in every layer
         for _, host in hosts(self._model_of(name)):
             if name in host.names():
                 host.set_strength(name, scale)

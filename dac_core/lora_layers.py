@@ -124,6 +124,23 @@ class LoRAHost(torch.nn.Module):
         # frozen: up @ down is formed once and cached (not counted), each call adds it to W
         return out_f * fan_in <= activation * (2 if torch.is_grad_enabled() else 1)
 
+    def _merged_weight(self, merged: list[tuple[str, float | torch.Tensor]]) -> torch.Tensor:
+        """W + sum of s * (alpha / rank) * up @ down, formed in float32, in W's dtype."""
+        w = self.base_layer.weight
+        flat = w.flatten(1).float()
+        for name, s in merged:
+            if name in self._cached or not self._trains(name):
+                d = self._delta(name).flatten(1)
+                flat = torch.add(flat, d, alpha=s) if isinstance(s, (int, float)) else flat + d * s
+                continue
+            down, up = self.lora_down[name], self.lora_up[name]
+            c = self.alpha[name] / down.shape[0] * s
+            if isinstance(c, torch.Tensor):
+                flat = flat + (up.flatten(1) @ down.flatten(1)) * c
+            else:  # one kernel: flat + c * up @ down
+                flat = torch.addmm(flat, up.flatten(1), down.flatten(1), alpha=c)
+        return flat.view(w.shape).to(w.dtype)
+
     # --- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -140,9 +157,7 @@ class LoRAHost(torch.nn.Module):
             (merged if weight_path else separate).append((name, s))
             self.last_paths[name] = "weight" if weight_path else "activation"
         if merged:
-            w = base.weight
-            delta = sum(self._delta(name) * s for name, s in merged)
-            w = (w.to(delta.dtype) + delta).to(w.dtype)
+            w = self._merged_weight(merged)
             if isinstance(base, torch.nn.Linear):
                 result = F.linear(x, w, base.bias)
             else:

@@ -142,7 +142,9 @@ def _fit(
 ) -> tuple[list[float], int]:
     """Train `params`; returns the loss history and the number of skipped float16 steps."""
     device = backend.device
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+    fused = backend.fused_optimizer and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY,
+                                  eps=ADAM_EPS, fused=fused or None)
     scaler = torch.amp.GradScaler(device.type, enabled=backend.training_dtype == torch.float16)
     generator = torch.Generator().manual_seed(s.seed)
     losses: list[float] = []

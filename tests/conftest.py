@@ -90,12 +90,12 @@ def tiny_model_dirs(tmp_path_factory):
 
 @pytest.fixture
 def make_backend():
-    """A fresh CPU DiffusersBackend on a tiny model: make_backend("sd1" | "sd2", lora_path="auto")."""
+    """A fresh CPU DiffusersBackend on a tiny model: make_backend("sd1" | "sd2", exact_reference=False)."""
     from dac_core.diffusers_backend import DiffusersBackend
     from dac_core.tiny import tiny_pipeline
 
-    def make(flavour: str = "sd1", lora_path: str = "auto"):
-        return DiffusersBackend(tiny_pipeline(flavour), device="cpu", lora_path=lora_path)
+    def make(flavour: str = "sd1", exact_reference: bool = False):
+        return DiffusersBackend(tiny_pipeline(flavour), device="cpu", exact_reference=exact_reference)
 
     return make
 

@@ -113,7 +113,7 @@ def test_reference_peft_format_file_loads(trained, tmp_path, make_backend):
         assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in f.keys())
     loaded = L.load_lora(path)
     assert len(loaded.unet) == len(u) and len(loaded.text_encoder) == len(d)
-    fresh = make_backend("sd1", lora_path="activation")
+    fresh = make_backend("sd1", exact_reference=True)
     fresh.attach_lora(UNET, loaded)
     fresh.attach_lora(TEXT_DELTA, loaded)
     got = outputs(fresh.unet, fresh.text_encoder, fresh.tokenizer)

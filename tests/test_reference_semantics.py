@@ -24,8 +24,8 @@ the image each step and draws the latent with the VAE; the latent distribution h
 encoded once, and both sides multiply the same scaled mean and std.)
 
 Compared with `abduct_unet_lora`, `abduct_text_lora` and `counterfactual_sample(...,
-decode=False)` on one `DiffusersBackend` with every LoRA on the activations
-(lora_path="activation", what peft computes, op for op), on the tiny SD1 (epsilon) and SD2
+decode=False)` on one `DiffusersBackend(exact_reference=True)`: every LoRA on the
+activations (what peft computes, op for op) and torch's default AdamW, on the tiny SD1 (epsilon) and SD2
 (v-prediction) models: the loss at every step, every layer's down and up weights of U and Delta, and the
 final latents. Measured (2 CPU cores, torch 2.14.1, diffusers 0.42.1, peft 0.21.2):
 all of them bit for bit equal, for both models, with 1 and with 2 torch threads; so the
@@ -34,7 +34,7 @@ its imports. They run on one torch thread: the ops are tiny, and with two OpenMP
 busy second core made the same module take 137 s instead.
 
 The default backend (each LoRA layer through the weights or on the activations, whichever
-is cheaper) is compared with the activation path to float rounding
+is cheaper; a fused AdamW) is compared with it to float rounding
 (`test_the_default_lora_path_gives_the_references_results_to_float_rounding`).
 
 The annealing schedule is also compared on its own for every t
@@ -222,8 +222,8 @@ def reference_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor) -> dict
 
 # --- dac_core's stages ------------------------------------------------------------------------
 
-def dac_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor, lora_path: str) -> dict:
-    backend = DiffusersBackend(tiny_pipeline(flavour), device="cpu", lora_path=lora_path)
+def dac_chain(flavour: str, mean: torch.Tensor, std: torch.Tensor, exact_reference: bool) -> dict:
+    backend = DiffusersBackend(tiny_pipeline(flavour), device="cpu", exact_reference=exact_reference)
     dist = LatentDistribution(mean, std)
     u = stages.abduct_unet_lora(backend, dist, SOURCE, U_SETTINGS)
     delta = stages.abduct_text_lora(backend, dist, TARGET, u.lora, DELTA_SETTINGS, eta=ETA)
@@ -245,7 +245,7 @@ def chains(request, source_pixels):
             vae = tiny_pipeline(flavour).vae
             dist = vae.encode(source_pixels).latent_dist
             mean, std = dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
-        return reference_chain(flavour, mean, std), dac_chain(flavour, mean, std, "activation")
+        return reference_chain(flavour, mean, std), dac_chain(flavour, mean, std, True)
     finally:
         torch.set_num_threads(threads)
 
@@ -314,7 +314,7 @@ def chains_auto(request, source_pixels):
             vae = tiny_pipeline(flavour).vae
             dist = vae.encode(source_pixels).latent_dist
             mean, std = dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
-        return dac_chain(flavour, mean, std, "activation"), dac_chain(flavour, mean, std, "auto")
+        return dac_chain(flavour, mean, std, True), dac_chain(flavour, mean, std, False)
     finally:
         torch.set_num_threads(threads)
 
