@@ -60,6 +60,16 @@ def test_both_paths_are_the_same_function_and_gradients(kind, strength):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_frozen_lora_through_the_weights_passes_the_same_input_gradient(kind):
+    """U frozen (Abduction-2): the merged weight is formed in a reused buffer and formed again
+    for the backward pass; the input's gradient is the activation path's."""
+    w_host, y_w, g_w = run(kind, "weight", 0.8, trainable=False)
+    _, y_a, g_a = run(kind, "activation", 0.8, trainable=False)
+    assert w_host.last_paths == {"u": "weight"} and w_host._cached
+    assert close(y_w, y_a) and close(g_w[0], g_a[0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_the_activation_path_is_peft_to_the_bit(kind):
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -127,7 +137,8 @@ def test_zero_strength_and_removal_leave_the_base_layer():
 def test_the_cost_model_takes_each_layer_the_cheaper_way():
     """A rank-512 LoRA on a 32-channel convolution over 64x64 positions is cheaper through
     the weights; on a 1280-channel one over 8x8 positions, on the activations. Frozen (as U
-    in Abduction-2 and in sampling), the weight path costs one add and wins both."""
+    in Abduction-2 and in sampling), the weight path costs one add of the cached up @ down:
+    cheaper on the 1280-channel layer over 32x32 positions, not over 8x8."""
     small = LoRAHost(torch.nn.Conv2d(32, 32, 3, padding=1))
     deep = LoRAHost(torch.nn.Conv2d(1280, 1280, 3, padding=1))
     for host in (small, deep):
@@ -139,7 +150,8 @@ def test_the_cost_model_takes_each_layer_the_cheaper_way():
     for host in (small, deep):
         host.lora_down["u"].requires_grad_(False)
         host.lora_up["u"].requires_grad_(False)
-    assert deep.through_weights("u", torch.zeros(1, 1280, 8, 8))
+    assert deep.through_weights("u", torch.zeros(1, 1280, 32, 32))
+    assert not deep.through_weights("u", torch.zeros(1, 1280, 8, 8))
     # the text encoder's rank-4 LoRA over 77 tokens stays on the activations while it trains
     text = LoRAHost(torch.nn.Linear(768, 768))
     text.add("delta", LoRALayer(torch.zeros(4, 768), torch.zeros(768, 4), 4.0), trainable=True)
