@@ -30,10 +30,14 @@ import torch.nn.functional as F
 from .lora import LoRALayer
 
 PATHS = ("auto", "weight", "activation")
-# What adding two weight-sized tensors costs per element, in multiply-adds of a large matmul:
-# measured 40-65 on a 2-core Xeon (float32, 14.7 M elements: 5.3 ms into a reused buffer
-# against 1.9 G multiply-adds in 15.6 ms).
-ELEMENTWISE_COST = 40
+# What adding a cached up @ down to W costs per element, in multiply-adds of the activation
+# path. A memory-bound add of 14.7 M floats into a reused buffer took as long as about 40
+# multiply-adds per element of a large matmul (2-core Xeon, float32), but the activation
+# path over few positions runs far below a large matmul's rate: with 40 the tiny and mid
+# UNets sent their low-resolution layers to the activation path and Abduction-2 took 1.5x as
+# long as with every frozen layer through the weights; 10 takes the faster path on every
+# model measured (benchmarks/speed.py, docs/speed.md).
+ELEMENTWISE_COST = 10
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
