@@ -39,6 +39,11 @@ PATHS = ("auto", "weight", "activation")
 # model measured (benchmarks/speed.py, docs/speed.md).
 ELEMENTWISE_COST = 10
 
+# A frozen merged weight of at least this many elements is formed in a reused buffer (and
+# formed again for the backward pass rather than kept); a smaller one is cheaper to allocate
+# and keep than to handle so (the per-call overhead dominated the tiny and mid UNets).
+LARGE_WEIGHT = 2**20
+
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -213,7 +218,8 @@ class LoRAHost(torch.nn.Module):
             self.last_paths[name] = "weight" if weight_path else "activation"
         if merged:
             frozen = all(not self._trains(name) and isinstance(s, (int, float)) for name, s in merged)
-            if frozen and not base.weight.requires_grad:
+            large = base.weight.numel() >= LARGE_WEIGHT
+            if frozen and large and not base.weight.requires_grad:
                 if torch.is_grad_enabled() and x.requires_grad:
                     result = _FrozenMerged.apply(x, self, merged)
                 elif torch.is_grad_enabled():

@@ -60,9 +60,14 @@ def test_both_paths_are_the_same_function_and_gradients(kind, strength):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_a_frozen_lora_through_the_weights_passes_the_same_input_gradient(kind):
-    """U frozen (Abduction-2): the merged weight is formed in a reused buffer and formed again
-    for the backward pass; the input's gradient is the activation path's."""
+@pytest.mark.parametrize("large", [0, 2**20])
+def test_a_frozen_lora_through_the_weights_passes_the_same_input_gradient(kind, large, monkeypatch):
+    """U frozen (Abduction-2): a large merged weight is formed in a reused buffer and formed
+    again for the backward pass, a small one kept; either way the input's gradient is the
+    activation path's."""
+    from dac_core import lora_layers
+
+    monkeypatch.setattr(lora_layers, "LARGE_WEIGHT", large)
     w_host, y_w, g_w = run(kind, "weight", 0.8, trainable=False)
     _, y_a, g_a = run(kind, "activation", 0.8, trainable=False)
     assert w_host.last_paths == {"u": "weight"} and w_host._cached
