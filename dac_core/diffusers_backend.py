@@ -1,4 +1,4 @@
-"""DAC on diffusers + peft: Stable Diffusion 1.x and 2.x, epsilon and v-prediction.
+"""DAC on diffusers: Stable Diffusion 1.x and 2.x, epsilon and v-prediction.
 
 LoRAs sit on the reference code's target layers of the pipeline's own UNet and CLIP text
 encoder, as `lora_layers.LoRAHost` wrappers that apply each LoRA through the weights or on
