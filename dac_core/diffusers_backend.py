@@ -81,6 +81,12 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
         ) from None
 
 
+def _replace(model: torch.nn.Module, module_name: str, module: torch.nn.Module) -> None:
+    """Put `module` where `module_name` is in `model`."""
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 class DiffusersBackend(DACBackend):
     def __init__(self, pipe, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
                  exact_reference: bool = False):
@@ -107,6 +113,7 @@ class DiffusersBackend(DACBackend):
         self.latent_channels = self.unet.config.in_channels
         self.native_side = self.unet.config.sample_size * self.latent_factor
         self._module_names: dict[str, dict[str, str]] = {}  # LoRA name -> stem -> module name
+        self._carriers: dict[str, list[LoRAHost]] = {}  # LoRA name -> the layers that carry it
         self._fingerprint: str | None = None
 
     @classmethod
@@ -186,10 +193,10 @@ class DiffusersBackend(DACBackend):
                 continue
             host = model.get_submodule(module_name)
             if not isinstance(host, LoRAHost):
-                parent_name, _, child = module_name.rpartition(".")
                 host = LoRAHost(host, self.lora_path)
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, host)
+                _replace(model, module_name, host)
             params += host.add(name, layer, trainable)
+            self._carriers.setdefault(name, []).append(host)
         training = {id(p) for p in params}
         for p in model.parameters():  # only this LoRA trains, if it does
             if id(p) not in training:
@@ -201,8 +208,8 @@ class DiffusersBackend(DACBackend):
         for module_name, host in hosts(model):
             host.remove(name)
             if not host.names():  # a layer with no LoRA left is unwrapped: the model is as it was
-                parent_name, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, host.base_layer)
+                _replace(model, module_name, host.base_layer)
+        self._carriers.pop(name, None)
 
     def export_lora(self, name) -> LoRA:
         layers = {self._stem(name, n): host.export(name) for n, host in hosts(self._model_of(name))
@@ -214,9 +221,8 @@ class DiffusersBackend(DACBackend):
     def set_lora_scale(self, name, scale):
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             scale = float(scale)  # one strength for the batch: once here, not in every layer
-        for _, host in hosts(self._model_of(name)):
-            if name in host.names():
-                host.set_strength(name, scale)
+        for host in self._carriers.get(name, ()):  # every step: no walk over the model's modules
+            host.set_strength(name, scale)
 
     # --- training and sampling ----------------------------------------------------------
     def loss(self, latents, noise, timesteps, cond):

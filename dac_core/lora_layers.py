@@ -185,7 +185,7 @@ class LoRAHost(torch.nn.Module):
             return out
         flat = w.flatten(1).float()
         for name, s in merged:
-            if name in self._cached or not self._trains(name):
+            if not self._trains(name):  # frozen: its up @ down is cached
                 d = self._delta(name).flatten(1)
                 flat = torch.add(flat, d, alpha=s) if isinstance(s, (int, float)) else flat + d * s
                 continue
