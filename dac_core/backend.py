@@ -38,6 +38,31 @@ def fingerprint_weights(named_tensors, salt: str = "") -> str:
 
 
 @dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts: the text encoders' hidden
+    states [B, tokens, D] and, for SDXL, the pooled text embedding [B, P] (None for SD
+    1.x / 2.x). Indexing selects samples, as on a tensor."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> Conditioning:
+        return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index])
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def detach(self) -> Conditioning:
+        return Conditioning(self.context.detach(), None if self.pooled is None else self.pooled.detach())
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        pooled = [c.pooled for c in items]
+        return Conditioning(torch.cat([c.context for c in items]),
+                            None if any(p is None for p in pooled) else torch.cat(pooled))
+
+
+@dataclass
 class LatentDistribution:
     """The VAE's posterior of the source image, kept so each step re-samples a latent
     (the reference re-encodes the image every step; this is equivalent and cheaper)."""
@@ -55,7 +80,12 @@ class DACBackend(ABC):
     device: torch.device
     native_side: int  # the model's native image side in pixels (512 for SD 1.5 / 2.1-base)
     latent_factor: int  # pixels per latent pixel (8 for SD)
-    latent_channels: int  # 4 for SD 1.x / 2.x
+    latent_channels: int  # 4 for SD 1.x / 2.x and SDXL
+    architecture: str = "sd"  # "sd" (1.x / 2.x) or "sdxl"
+    # SDXL's size conditioning: the photo's (width, height) before it was resized for the
+    # stages (its "original size"; crop 0, target size = the latents' size). None: the
+    # latents' size. SD 1.x / 2.x ignore it.
+    original_size: tuple[int, int] | None = None
     # What the model computes in while training (LoRA weights stay float32); float16 makes
     # the stages scale the loss (torch.amp.GradScaler).
     training_dtype: torch.dtype = torch.float32
@@ -73,7 +103,7 @@ class DACBackend(ABC):
         """Scaled latents -> images [B, 3, H, W] in [-1, 1]."""
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Text-encoder output with the text LoRAs attached at their current strengths.
         Differentiable when a text LoRA is trainable and grad is enabled."""
 
@@ -108,7 +138,7 @@ class DACBackend(ABC):
     # --- training and sampling ----------------------------------------------------------
     @abstractmethod
     def loss(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         """Per-sample diffusion loss [B]: MSE between the UNet's output on the noised
         latents and its target (the noise, or the velocity for v-prediction models)."""
@@ -116,8 +146,8 @@ class DACBackend(ABC):
     @abstractmethod
     def sample(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning,
         noise: torch.Tensor,
         steps: int,
         cfg: float,

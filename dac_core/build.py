@@ -1,6 +1,6 @@
-"""Stable Diffusion pipelines made from configs with seeded random weights, and CLIP
-tokenizers made from a vocabulary: the one builder behind the tiny test models
-(`dac_core.tiny`) and the world model before its training (`dac_core.world.model`)."""
+"""Stable Diffusion (1.x / 2.x and XL) pipelines made from configs with seeded random
+weights, and CLIP tokenizers made from a vocabulary: the one builder behind the tiny test
+models (`dac_core.tiny`) and the world model before its training (`dac_core.world.model`)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,28 @@ def build_sd_pipeline(unet_config: dict, vae_config: dict, text_config: dict, sc
         models = {name: make[name]() for name in order}
     return StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=DDIMScheduler(**scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_sdxl_pipeline(unet_config: dict, vae_config: dict, text_config: dict, text2_config: dict,
+                        scheduler_config: dict, tokenizer, tokenizer_2, seed: int = 0):
+    """A StableDiffusionXLPipeline (Euler scheduler, as SDXL base) of a UNet2DConditionModel
+    with SDXL's added conditioning, an AutoencoderKL, a CLIPTextModel and a
+    CLIPTextModelWithProjection made from their configs, random weights drawn from `seed`
+    in that order (the global random state is left as it was)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text_config_for(config, tok):
+        return CLIPTextConfig(**config, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(text_config_for(text_config, tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_for(text2_config, tokenizer_2))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**scheduler_config),
+        add_watermarker=False)

@@ -44,7 +44,7 @@ class EditParams:
     model: str = "stabilityai/stable-diffusion-2-1-base"
     unet_steps: int = P.UNET_STEPS.default
     text_steps: int = P.TEXT_STEPS.default
-    unet_rank: int = P.UNET_RANK.default
+    unet_rank: int | None = P.UNET_RANK.default  # None: the architecture's default
     text_rank: int = P.TEXT_RANK.default
     learning_rate: float = P.LEARNING_RATE.default
     max_grad_norm: float = P.MAX_GRAD_NORM.default
@@ -206,6 +206,7 @@ def edit(
         backend = DiffusersBackend.from_model(params.model, params.device, params.dtype)
     size = fit_size(*pil.size, params.resolution or backend.native_side, 8)
     pixels = image_to_tensor(pil, size)
+    backend.original_size = pil.size  # SDXL's size conditioning: the photo as it was
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
 

@@ -3,7 +3,9 @@
 In memory a `LoRA` maps kohya layer names ("stems") to (down, up, alpha):
 
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q
-    lora_te_text_model_encoder_layers_0_self_attn_q_proj
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj      (SD 1.x / 2.x)
+    lora_te1_text_model_encoder_layers_0_self_attn_q_proj     (SDXL: CLIP-L)
+    lora_te2_text_model_encoder_layers_0_self_attn_q_proj     (SDXL: OpenCLIP-bigG)
 
 and the delta a layer adds to its base weight W is  (alpha / rank) * up @ down.
 
@@ -11,9 +13,10 @@ On disk it is a safetensors file in kohya naming (`<stem>.lora_down.weight`,
 `<stem>.lora_up.weight`, `<stem>.alpha`), which diffusers' `load_lora_weights`, ComfyUI's
 stock LoraLoader and A1111-style tools read. Reading also accepts diffusers/peft files
 (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, the older
-`.lora.down.weight` / `.lora_linear_layer.down.weight`), e.g. the reference DAC code's
-`pytorch_lora_weights.safetensors`; a file without alphas gets alpha = rank (scale 1), as
-diffusers assumes.
+`.lora.down.weight` / `.lora_linear_layer.down.weight`, `text_encoder_2.` for SDXL's second
+encoder), e.g. the reference DAC code's `pytorch_lora_weights.safetensors`; a file without
+alphas gets alpha = rank (scale 1), as diffusers assumes. A file with one text encoder
+named `lora_te1_` is read as `lora_te_` (SD 1.x / 2.x), one with two as SDXL's.
 
 transformers 5.x dropped the `text_model` level of CLIPTextModel, so its module names read
 `encoder.layers.0...`; stems always carry `text_model_` so files match every other tool.
@@ -32,6 +35,8 @@ from .files import atomic_path
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
+TEXT1_PREFIX, TEXT2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two text encoders
+TEXT_PREFIXES = (TEXT_PREFIX, TEXT1_PREFIX, TEXT2_PREFIX)
 FORMAT_VERSION = "1"
 
 # kohya suffixes, then (down, up) suffix pairs of the diffusers/peft formats we read.
@@ -41,7 +46,7 @@ _OTHER_SUFFIXES = (
     (".lora.down.weight", ".lora.up.weight"),
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
-_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_PREFIX}
+_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_PREFIX, "text_encoder_2.": TEXT2_PREFIX}
 
 
 # The layers DAC's LoRAs target (reference code), as diffusers module-name suffixes.
@@ -59,7 +64,7 @@ def is_unet_target(stem: str) -> bool:
 
 
 def is_text_target(stem: str) -> bool:
-    return stem.startswith(TEXT_PREFIX + "text_model_encoder_layers_") and stem.endswith(
+    return stem.startswith(tuple(p + "text_model_encoder_layers_" for p in TEXT_PREFIXES)) and stem.endswith(
         tuple("_self_attn_" + t for t in TEXT_TARGETS))
 
 
@@ -68,11 +73,12 @@ def unet_stem(module_name: str) -> str:
     return UNET_PREFIX + module_name.replace(".", "_")
 
 
-def text_encoder_stem(module_name: str) -> str:
-    """kohya stem of a CLIP text-encoder module name, with or without `text_model.`."""
+def text_encoder_stem(module_name: str, prefix: str = TEXT_PREFIX) -> str:
+    """kohya stem of a CLIP text-encoder module name, with or without `text_model.`;
+    `prefix` names the encoder (TEXT_PREFIX, or SDXL's TEXT1_PREFIX / TEXT2_PREFIX)."""
     if module_name.startswith("text_model."):
         module_name = module_name[len("text_model.") :]
-    return TEXT_PREFIX + "text_model_" + module_name.replace(".", "_")
+    return prefix + "text_model_" + module_name.replace(".", "_")
 
 
 @dataclass
@@ -100,7 +106,7 @@ class LoRA:
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "LoRA"  # how errors name it, e.g. "LoRA file 'x.safetensors'"; not saved
 
-    def part(self, prefix: str) -> LoRA:
+    def part(self, prefix: str | tuple[str, ...]) -> LoRA:
         return LoRA({k: v for k, v in self.layers.items() if k.startswith(prefix)}, dict(self.metadata), self.source)
 
     @property
@@ -109,7 +115,8 @@ class LoRA:
 
     @property
     def text_encoder(self) -> LoRA:
-        return self.part(TEXT_PREFIX)
+        """The layers of every text encoder (SDXL's two included)."""
+        return self.part(TEXT_PREFIXES)
 
     @property
     def rank(self) -> int:
@@ -192,7 +199,7 @@ def _stem_of(key_without_suffix: str) -> str | None:
     for prefix, kohya_prefix in _PREFIXES.items():
         if key_without_suffix.startswith(prefix):
             module = key_without_suffix[len(prefix) :]
-            return unet_stem(module) if kohya_prefix == UNET_PREFIX else text_encoder_stem(module)
+            return unet_stem(module) if kohya_prefix == UNET_PREFIX else text_encoder_stem(module, kohya_prefix)
     return None
 
 
@@ -203,8 +210,8 @@ def from_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict") -> 
     alphas: dict[str, float] = {}
     unknown = []
     for key, value in sd.items():
-        if key.startswith((UNET_PREFIX, TEXT_PREFIX, "lora_te1_")):
-            stem = key.split(".", 1)[0].replace("lora_te1_", TEXT_PREFIX, 1)
+        if key.startswith((UNET_PREFIX, *TEXT_PREFIXES)):
+            stem = key.split(".", 1)[0]
             if key.endswith(_KOHYA[0]):
                 downs[stem] = value
             elif key.endswith(_KOHYA[1]):
@@ -229,10 +236,17 @@ def from_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict") -> 
     if unknown:
         raise DACError(
             f"{source}: key {unknown[0]!r} is not a LoRA key this reader knows "
-            "(kohya lora_unet_/lora_te_ keys or diffusers unet./text_encoder. lora_A/lora_B keys)"
+            "(kohya lora_unet_/lora_te_/lora_te1_/lora_te2_ keys or diffusers unet./text_encoder./"
+            "text_encoder_2. lora_A/lora_B keys)"
         )
     if not downs:
         raise DACError(f"{source} holds no LoRA layers")
+    # One text encoder: lora_te_ (SD 1.x / 2.x); two: lora_te1_ and lora_te2_ (SDXL).
+    sdxl = any(stem.startswith(TEXT2_PREFIX) for stem in downs)
+    old, new = (TEXT_PREFIX, TEXT1_PREFIX) if sdxl else (TEXT1_PREFIX, TEXT_PREFIX)
+    for table in (downs, ups, alphas):
+        for stem in [s for s in table if s.startswith(old)]:
+            table[new + stem[len(old):]] = table.pop(stem)
     layers = {}
     for stem in sorted(downs):
         if stem not in ups:
@@ -279,7 +293,8 @@ def check_fits(lora: LoRA, weight_shapes: dict[str, torch.Size], source: str) ->
     """
     for stem, layer in lora.layers.items():
         if stem not in weight_shapes:
-            raise DACError(f"{source} does not fit this model: it has layer {stem}, which the model lacks")
+            raise DACError(f"{source} does not fit this model: it has layer {stem}, which the model lacks "
+                           "(a LoRA fits the architecture it was trained on: SD 1.x, SD 2.x or SDXL)")
         shape = tuple(weight_shapes[stem])
         want_down = (layer.rank, shape[1], *shape[2:])
         want_up = (shape[0], layer.rank, *((1, 1) if len(shape) == 4 else ()))

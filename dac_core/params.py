@@ -91,7 +91,11 @@ NEGATIVE_PROMPT = _prompt("negative_prompt", "negative prompt (default empty)", 
 UNET_STEPS = Param("unet_steps", int, 1000, "Abduction-1 (UNet LoRA) training steps; fewer (250-500): more "
                    "editable, less faithful", 1, 100_000)
 TEXT_STEPS = Param("text_steps", int, 1000, "Abduction-2 (text-encoder LoRA) training steps", 1, 100_000)
-UNET_RANK = Param("unet_rank", int, 512, "UNet LoRA rank (512: near full rank, the main memory cost)", 1, 1024)
+UNET_RANK = Param("unet_rank", int, None, "UNet LoRA rank, the main memory cost (default: 512 on SD 1.x / 2.x, near "
+                  "full rank, the paper's; 128 on SDXL, which trains on a 24 GB GPU)", 1, 1024, optional=True)
+# The UNet rank when none is given, by architecture: SDXL's UNet at rank 512 would need
+# ~24 GB for the LoRA's AdamW state alone (benchmarks/lora_memory.py).
+UNET_RANK_DEFAULTS = {"sd": 512, "sdxl": 128}
 TEXT_RANK = Param("text_rank", int, 4, "text-encoder LoRA rank", 1, 256)
 LEARNING_RATE = Param("learning_rate", float, 1e-4, "AdamW learning rate of both abductions (constant)", 0.0, 1.0,
                       low_open=True, ui_step=1e-5, ui_low=1e-7)
@@ -116,6 +120,11 @@ RESOLUTION = Param("resolution", int, None, "side of a square of the same pixel 
 PARAMS: dict[str, Param] = {p.name: p for p in (
     SOURCE_PROMPT, TARGET_PROMPT, NEGATIVE_PROMPT, UNET_STEPS, TEXT_STEPS, UNET_RANK, TEXT_RANK, LEARNING_RATE,
     MAX_GRAD_NORM, TRAIN_BATCH_SIZE, TRAIN_SEED, ETA, BETA, SAMPLE_STEPS, CFG, SEED, BATCH_SIZE, RESOLUTION)}
+
+
+def unet_rank(value: int | None, architecture: str) -> int:
+    """The UNet LoRA rank to train: `value`, or the architecture's default when None."""
+    return UNET_RANK_DEFAULTS[architecture] if value is None else value
 
 
 def check(**values) -> None:

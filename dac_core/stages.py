@@ -19,6 +19,7 @@ scaler does, and counted (`dac.skipped_steps` in the LoRA's metadata).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -47,7 +48,7 @@ class TrainSettings:
 
     steps: int = P.TEXT_STEPS.default
     learning_rate: float = P.LEARNING_RATE.default
-    rank: int = P.TEXT_RANK.default
+    rank: int | None = P.TEXT_RANK.default
     seed: int = P.TRAIN_SEED.default
     batch_size: int = 1
     max_grad_norm: float = P.MAX_GRAD_NORM.default  # 0: no clipping (what the reference really does)
@@ -61,7 +62,7 @@ class TrainSettings:
         return self
 
 
-UNET_SETTINGS = TrainSettings(steps=P.UNET_STEPS.default, rank=P.UNET_RANK.default)
+UNET_SETTINGS = TrainSettings(steps=P.UNET_STEPS.default, rank=None)  # rank None: the architecture's default
 TEXT_SETTINGS = TrainSettings()
 
 # AdamW exactly as the reference scripts.
@@ -221,9 +222,11 @@ def abduct_unet_lora(
     """Abduction-1: over-fit a UNet LoRA U so that the source prompt reproduces the image.
 
     The text encoder runs without LoRAs and once (its output is frozen); only U trains.
-    `init` continues from an earlier UNet LoRA; `resume` from an interrupted run.
+    `init` continues from an earlier UNet LoRA; `resume` from an interrupted run. A rank
+    of None is the architecture's default (`params.UNET_RANK_DEFAULTS`).
     """
     settings.check("UNet LoRA", P.UNET_STEPS, P.UNET_RANK)
+    settings = dataclasses.replace(settings, rank=P.unet_rank(settings.rank, backend.architecture))
     check_prompt(backend, source_prompt, "source prompt")
     for other in (TEXT_DELTA, TEXT_EXTRA):
         backend.detach_lora(other)

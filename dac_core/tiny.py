@@ -2,13 +2,14 @@
 
 The test suite's models (built by `dac_core.build`). Their output is noise: the weights are
 random (the trained model of the synthetic world, which `dac-edit --demo` uses, is
-`dac_core.world.model`'s). They exercise every code path of the real SD 1.x / 2.x pipeline
-(same classes, same LoRA target layers) at a size that trains at ~50 steps/s on a CPU.
+`dac_core.world.model`'s). They exercise every code path of the real SD 1.x / 2.x and SDXL
+pipelines (same classes, same LoRA target layers, SDXL's two text encoders, pooled
+embedding and size conditioning) at a size that trains at ~50 steps/s on a CPU.
 """
 
 from __future__ import annotations
 
-from .build import build_sd_pipeline, byte_vocab, clip_tokenizer
+from .build import build_sd_pipeline, build_sdxl_pipeline, byte_vocab, clip_tokenizer
 
 # SD 1.x-style: epsilon prediction, Conv2d proj_in/proj_out. SD 2.x-style: v-prediction,
 # linear projections. Both have every layer type DAC's UNet LoRA targets.
@@ -52,7 +53,28 @@ SCHEDULER_CONFIG = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
-FLAVOURS = ("sd1", "sd2")
+# SDXL-style: linear projections, two transformer blocks in the second level (SDXL's
+# transformer_layers_per_block > 1), added conditioning of the pooled embedding of the
+# second text encoder and six size ids, each embedded in 256 channels as in SDXL (and as
+# ComfyUI fixes it), cross-attention over both encoders' hidden states concatenated.
+SDXL_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_act="gelu", num_hidden_layers=3)
+SDXL_TIME_EMBED_DIM = 256
+SDXL_UNET_CONFIG = dict(
+    UNET_CONFIG,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=TEXT_CONFIG["hidden_size"] + SDXL_TEXT_CONFIG["hidden_size"],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=SDXL_TEXT_CONFIG["projection_dim"] + 6 * SDXL_TIME_EMBED_DIM,
+)
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+FLAVOURS = ("sd1", "sd2", "sdxl")
 
 
 def tiny_tokenizer():
@@ -61,9 +83,15 @@ def tiny_tokenizer():
 
 
 def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
-    """A StableDiffusionPipeline of tiny random models; `flavour` "sd1" (epsilon) or "sd2" (v)."""
+    """A pipeline of tiny random models: `flavour` "sd1" (epsilon) or "sd2" (v), a
+    StableDiffusionPipeline; "sdxl", a StableDiffusionXLPipeline."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    if flavour == "sdxl":
+        tokenizer_2 = tiny_tokenizer()
+        tokenizer_2.pad_token = "!"  # as SDXL's second tokenizer
+        return build_sdxl_pipeline(SDXL_UNET_CONFIG, {**VAE_CONFIG, "scaling_factor": 0.13025}, TEXT_CONFIG,
+                                   SDXL_TEXT_CONFIG, SDXL_SCHEDULER_CONFIG, tiny_tokenizer(), tokenizer_2, seed)
     sd2 = flavour == "sd2"
     return build_sd_pipeline({**UNET_CONFIG, "use_linear_projection": sd2}, VAE_CONFIG, TEXT_CONFIG,
                              {**SCHEDULER_CONFIG, "prediction_type": "v_prediction" if sd2 else "epsilon"},

@@ -60,7 +60,8 @@ def _param(param: P.Param, tooltip: str, name: str | None = None, **extra) -> In
     `name` where the node scopes it (an abduction's `steps` is its stage's steps)."""
     kind = {int: "INT", float: "FLOAT", str: "STRING"}[param.kind]
     low = param.ui_low if param.low_open else param.low
-    return In(name or param.name, kind, tooltip, param.default, low, param.high, param.ui_step, **extra)
+    default = extra.pop("default", param.default)
+    return In(name or param.name, kind, tooltip, default, low, param.high, param.ui_step, **extra)
 
 
 _MODEL = In("model", "MODEL", "The base diffusion model (SD 1.x or 2.x checkpoint). It is never modified.")
@@ -102,7 +103,9 @@ ABDUCT_UNET = Node(
         _param(P.UNET_STEPS, "Training steps. 250-500 keep the model more editable, 1000 is the paper's.", "steps"),
         _LR,
         _param(P.UNET_RANK, "LoRA rank. 512 is near full rank for SD's layers (the paper's choice, about 2 GB of "
-               "weights on SD 2.1); lower saves memory.", "rank"),
+               "weights on SD 2.1); lower saves memory. SDXL: 128 trains on a 24 GB GPU (bf16, gradient "
+               "checkpointing); 512 needs about 30 GB before activations.", "rank",
+               default=P.UNET_RANK_DEFAULTS["sd"]),
         _SEED_TRAIN, _DTYPE, _CHECKPOINTING, _PREVIEW, _CLIP_NORM,
         In("init_lora", DAC_LORA, "Optional UNet LoRA to continue training from.", optional=True),
     ),

@@ -183,3 +183,97 @@ def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
         L.save_lora(d, path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+# --- SDXL -------------------------------------------------------------------------------
+
+@pytest.fixture
+def trained_sdxl(make_backend, latents):
+    """An SDXL backend with trained U and Delta (both active at +1)."""
+    be = make_backend("sdxl")
+    lat = be.encode_image(latents)
+    u = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=10, learning_rate=1e-2, rank=4)).lora
+    d = stages.abduct_text_lora(be, lat, "a red disc with a hat", u, TrainSettings(steps=10, learning_rate=1e-2)).lora
+    be.set_lora_scale(UNET, 1.0)
+    be.set_lora_scale(TEXT_DELTA, 1.0)
+    return be, u, d
+
+
+def sdxl_outputs(pipe):
+    """The UNet's prediction and the encodings of a fixed prompt, computed by diffusers'
+    StableDiffusionXLPipeline itself (encode_prompt, its size ids, the UNet's added
+    conditioning), for a 64 x 64 image whose original size was 96 x 64."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=False)
+        ids = pipe._get_add_time_ids((64, 96), (0, 0), (64, 64), dtype=torch.float32,
+                                     text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        out = pipe.unet(x, torch.tensor([500]), context,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    return out, context, pooled
+
+
+def test_sdxl_file_uses_kohya_sdxl_names_and_diffusers_reads_it(trained_sdxl, tmp_path):
+    """lora_unet_ / lora_te1_ / lora_te2_ keys; StableDiffusionXLPipeline.load_lora_weights
+    applies every layer and computes what our backend computes."""
+    be, u, d = trained_sdxl
+    path = L.save_lora(L.combine(u, d), tmp_path / "dac_sdxl.safetensors")
+    with safe_open(path, framework="pt") as f:
+        prefixes = {k.split("text_model")[0] if k.startswith("lora_te") else "lora_unet_" for k in f.keys()}
+    assert prefixes == {"lora_unet_", "lora_te1_", "lora_te2_"}
+    be.original_size = (96, 64)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = be.encode_prompts(["a cat"])
+        ours = be._unet(x, torch.tensor([500]), cond)
+    pipe = tiny_pipeline("sdxl")
+    pipe.load_lora_weights(str(tmp_path), weight_name="dac_sdxl.safetensors")
+    counts = [sum(1 for n, _ in m.named_modules() if n.endswith("lora_A"))
+              for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)]
+    assert counts == [len(u), len(d.part(L.TEXT1_PREFIX)), len(d.part(L.TEXT2_PREFIX))]
+    out, context, pooled = sdxl_outputs(pipe)
+    assert torch.allclose(context, cond.context, atol=1e-5) and torch.allclose(pooled, cond.pooled, atol=1e-5)
+    assert torch.allclose(out, ours, atol=1e-5)
+    plain_out, plain_context, _ = sdxl_outputs(tiny_pipeline("sdxl"))
+    assert not torch.allclose(plain_context, context, atol=1e-4) and not torch.allclose(plain_out, out, atol=1e-4)
+
+
+def test_sdxl_round_trip_gives_identical_outputs(trained_sdxl, tmp_path, make_backend):
+    be, u, d = trained_sdxl
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(backend):
+        with torch.no_grad():
+            cond = backend.encode_prompts(["a cat"])
+            return backend._unet(x, torch.tensor([500]), cond), cond.context, cond.pooled
+
+    expected = run(be)
+    loaded = L.load_lora(L.save_lora(L.combine(u, d), tmp_path / "both.safetensors"))
+    fresh = make_backend("sdxl")
+    fresh.attach_lora(UNET, loaded)
+    fresh.attach_lora(TEXT_DELTA, loaded)
+    for got, want in zip(run(fresh), expected):
+        assert torch.equal(got, want)
+
+
+def test_sdxl_and_sd_loras_do_not_mix(trained_sdxl, trained, tmp_path, make_backend):
+    _, u_xl, d_xl = trained_sdxl
+    _, u, d = trained
+    for lora, flavour, name in ((d, "sdxl", TEXT_DELTA), (u, "sdxl", UNET), (d_xl, "sd1", TEXT_DELTA),
+                                (u_xl, "sd1", UNET)):
+        path = L.save_lora(lora, tmp_path / "other.safetensors")
+        with pytest.raises(DACError, match="does not fit this model: .*trained on: SD 1.x, SD 2.x or SDXL"):
+            make_backend(flavour).attach_lora(name, L.load_lora(path))
+
+
+def test_diffusers_sdxl_names_read_as_two_encoders():
+    """text_encoder. / text_encoder_2. keys (diffusers' SDXL files) become lora_te1_ / lora_te2_;
+    lora_te1_ alone (an SD 1.x file from an SDXL-era tool) stays SD 1.x's lora_te_."""
+    zeros = {"lora_A.weight": torch.zeros(2, 8), "lora_B.weight": torch.zeros(8, 2)}
+    sd = {f"{enc}.text_model.encoder.layers.0.self_attn.q_proj.{k}": v
+          for enc in ("text_encoder", "text_encoder_2") for k, v in zeros.items()}
+    assert sorted(L.from_state_dict(sd).layers) == ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                                   "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
+    kohya = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 8),
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(8, 2)}
+    assert list(L.from_state_dict(kohya).layers) == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]

@@ -1,4 +1,4 @@
-"""The three DAC stages on tiny SD1.x (epsilon) and SD2.x (v-prediction) models."""
+"""The three DAC stages on tiny SD1.x (epsilon), SD2.x (v-prediction) and SDXL models."""
 
 import pytest
 import torch
@@ -30,13 +30,13 @@ def fixed_loss(backend, lat, cond, n=16):
     noise = torch.randn(x0.shape, generator=g)
     t = torch.linspace(0, 999, n).long()
     with torch.no_grad():
-        return backend.loss(x0, noise, t, cond.repeat(n, 1, 1)).mean().item()
+        return backend.loss(x0, noise, t, cond[[0] * n]).mean().item()
 
 
-@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+@pytest.mark.parametrize("flavour", ["sd1", "sd2", "sdxl"])
 def test_abduction1_lowers_loss_and_leaves_base_weights_bitwise(make_backend, latents, flavour):
     be = make_backend(flavour)
-    before = {name: base_weights(m) for name, m in (("unet", be.unet), ("te", be.text_encoder), ("vae", be.vae))}
+    before = {name: base_weights(m) for name, m in (("unet", be.unet), ("te", be.text_encoders), ("vae", be.vae))}
     lat = be.encode_image(latents)
     with torch.no_grad():
         cond = be.encode_prompts(["a red disc"])
@@ -48,7 +48,7 @@ def test_abduction1_lowers_loss_and_leaves_base_weights_bitwise(make_backend, la
     assert len(result.losses) == FAST_UNET.steps
     assert result.lora.metadata["dac.stage"] == "unet" and result.lora.rank == 8
     assert all(k.startswith("lora_unet_") for k in result.lora.layers)
-    for name, m in (("unet", be.unet), ("te", be.text_encoder), ("vae", be.vae)):
+    for name, m in (("unet", be.unet), ("te", be.text_encoders), ("vae", be.vae)):
         after = base_weights(m)
         assert after.keys() == before[name].keys()
         for k, v in before[name].items():
@@ -65,11 +65,12 @@ def test_unet_lora_targets_are_the_reference_modules(make_backend, latents):
     assert not any(stem.endswith(("conv_in", "conv_out", "linear_1", "linear_2")) for stem in lora.layers)
 
 
-def test_abduction2_trains_only_the_text_lora(make_backend, latents):
-    be = make_backend("sd1")
+@pytest.mark.parametrize("flavour", ["sd1", "sdxl"])
+def test_abduction2_trains_only_the_text_lora(make_backend, latents, flavour):
+    be = make_backend(flavour)
     lat = be.encode_image(latents)
     unet_lora = stages.abduct_unet_lora(be, lat, "a red disc", TrainSettings(steps=20, learning_rate=2e-3, rank=8)).lora
-    te_before = base_weights(be.text_encoder)
+    te_before = base_weights(be.text_encoders)
     unet_before = base_weights(be.unet)
     seen_grad = []
     original_loss = be.loss
@@ -83,16 +84,22 @@ def test_abduction2_trains_only_the_text_lora(make_backend, latents):
     be.loss = spying_loss
     result = stages.abduct_text_lora(be, lat, "a red disc with a hat", unet_lora, FAST_TEXT, eta=0.8)
     assert seen_grad and not any(seen_grad), "the frozen UNet LoRA was trainable during Abduction-2"
-    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in result.lora.layers)
-    assert result.lora.rank == 4 and len(result.lora) == 2 * 4  # 2 layers x q, k, v, out
-    assert any(layer.up.abs().sum() > 0 for layer in result.lora.layers.values())  # it moved from zero
+    if flavour == "sdxl":  # CLIP-L read at its penultimate layer: 1 of 2 layers; bigG: 3 of 3
+        layers = {"lora_te1_text_model_encoder_layers_0": 4, "lora_te2_text_model_encoder_layers_0": 4,
+                  "lora_te2_text_model_encoder_layers_1": 4, "lora_te2_text_model_encoder_layers_2": 4}
+    else:  # 2 layers x q, k, v, out
+        layers = {"lora_te_text_model_encoder_layers_0": 4, "lora_te_text_model_encoder_layers_1": 4}
+    assert {k: sum(stem.startswith(k + "_") for stem in result.lora.layers) for k in layers} == layers
+    assert result.lora.rank == 4 and len(result.lora) == sum(layers.values())
+    for prefix in {k.split("text_model")[0] for k in layers}:  # every encoder's part moved from zero
+        assert any(layer.up.abs().sum() > 0 for stem, layer in result.lora.layers.items() if stem.startswith(prefix))
     after = be.export_lora(UNET)
     for stem, layer in unet_lora.layers.items():
         assert torch.equal(after.layers[stem].down, layer.down) and torch.equal(after.layers[stem].up, layer.up)
     for name, p in be.unet.named_parameters():
         assert p.grad is None, f"UNet parameter {name} received a gradient"
     for k, v in te_before.items():
-        assert torch.equal(v, base_weights(be.text_encoder)[k]), k
+        assert torch.equal(v, base_weights(be.text_encoders)[k]), k
     for k, v in unet_before.items():
         assert torch.equal(v, base_weights(be.unet)[k]), k
 
@@ -152,8 +159,21 @@ def test_per_sample_unet_strength_matches_one_sample_at_a_time(make_backend, lat
     assert not torch.allclose(other, single[0])  # the strength does matter
 
 
-def test_text_lora_at_minus_beta_equals_base_minus_beta_delta(make_backend, latents):
-    be = make_backend("sd1")
+def _reference_encoding(pipe, prompt: str):
+    """(hidden states, pooled embedding or None) as the diffusers pipeline itself encodes
+    `prompt` (SDXL: StableDiffusionXLPipeline.encode_prompt, no classifier-free guidance)."""
+    with torch.no_grad():
+        if hasattr(pipe, "text_encoder_2"):
+            context, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+            return context, pooled
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0], None
+
+
+@pytest.mark.parametrize("flavour", ["sd1", "sdxl"])
+def test_text_lora_at_minus_beta_equals_base_minus_beta_delta(make_backend, latents, flavour):
+    be = make_backend(flavour)
     lat = be.encode_image(latents)
     unet_lora = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=2, rank=4)).lora
     delta = stages.abduct_text_lora(be, lat, "a cat", unet_lora, TrainSettings(steps=20, learning_rate=2e-2)).lora
@@ -161,20 +181,22 @@ def test_text_lora_at_minus_beta_equals_base_minus_beta_delta(make_backend, late
     be.set_lora_scale(TEXT_DELTA, -beta)
     with torch.no_grad():
         ours = be.encode_prompts(["a cat with a hat"])
-    reference = tiny_pipeline("sd1")  # same seed: same base weights
-    modules = dict(reference.text_encoder.named_modules())
+    reference = tiny_pipeline(flavour)  # same seed: same base weights
+    encoders = {"lora_te_": reference.text_encoder, "lora_te1_": reference.text_encoder,
+                "lora_te2_": getattr(reference, "text_encoder_2", None)}
     with torch.no_grad():
         for stem, layer in delta.layers.items():
-            name = stem[len("lora_te_text_model_") :]
-            target = next(m for n, m in modules.items() if n.replace(".", "_").endswith(name))
+            prefix, name = stem.split("text_model_", 1)
+            target = next(m for n, m in encoders[prefix].named_modules() if n.replace(".", "_").endswith(name))
             target.weight -= beta * layer.delta()
-        ids = reference.tokenizer(["a cat with a hat"], padding="max_length", max_length=77, truncation=True,
-                                  return_tensors="pt").input_ids
-        expected = reference.text_encoder(ids)[0]
-    assert torch.allclose(ours, expected, atol=1e-5)
-    with torch.no_grad():
-        plain = tiny_pipeline("sd1").text_encoder(ids)[0]
-    assert not torch.allclose(ours, plain, atol=1e-4)  # the subtraction did change the encoding
+    context, pooled = _reference_encoding(reference, "a cat with a hat")
+    plain, _ = _reference_encoding(tiny_pipeline(flavour), "a cat with a hat")
+    assert torch.allclose(ours.context, context, atol=1e-5)
+    if flavour == "sdxl":
+        assert ours.pooled.shape == pooled.shape and torch.allclose(ours.pooled, pooled, atol=1e-5)
+    else:
+        assert ours.pooled is None
+    assert not torch.allclose(ours.context, plain, atol=1e-4)  # the subtraction did change the encoding
 
 
 def test_sampling_anneals_the_unet_lora_at_every_step(make_backend, latents):
@@ -196,7 +218,7 @@ def test_sampling_anneals_the_unet_lora_at_every_step(make_backend, latents):
         assert torch.allclose(got, want)
 
 
-@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+@pytest.mark.parametrize("flavour", ["sd1", "sd2", "sdxl"])
 def test_same_seed_same_result_bit_for_bit(make_backend, latents, flavour):
     outs = []
     for _ in range(2):
@@ -223,7 +245,7 @@ def test_v_prediction_loss_targets_the_velocity(make_backend, latents):
     cond = be.encode_prompts(["a", "a"]).detach()
     with torch.no_grad():
         got = be.loss(x0, noise, t, cond)
-        pred = be.unet(be.train_scheduler.add_noise(x0, noise, t), t, cond).sample
+        pred = be.unet(be.train_scheduler.add_noise(x0, noise, t), t, cond.context).sample
         v = be.train_scheduler.get_velocity(x0, noise, t)
     assert torch.allclose(got, ((pred - v) ** 2).mean(dim=(1, 2, 3)))
     assert not torch.allclose(got, ((pred - noise) ** 2).mean(dim=(1, 2, 3)))
@@ -235,9 +257,10 @@ def test_non_finite_loss_stops_the_stage(make_backend, latents):
         stages.abduct_unet_lora(be, be.encode_image(latents), "a", TrainSettings(steps=30, learning_rate=1.0, rank=4))
 
 
-def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
+@pytest.mark.parametrize("flavour", ["sd1", "sdxl"])
+def test_stop_training_saves_state_to_resume_exactly(make_backend, latents, flavour):
     settings = TrainSettings(steps=12, learning_rate=1e-3, rank=4)
-    be = make_backend("sd1")
+    be = make_backend(flavour)
     full = stages.abduct_unet_lora(be, be.encode_image(latents), "a", settings)
     saved = []
 
@@ -245,12 +268,12 @@ def test_stop_training_saves_state_to_resume_exactly(make_backend, latents):
         if step == 5:
             raise StopTraining
 
-    be = make_backend("sd1")
+    be = make_backend(flavour)
     lat = be.encode_image(latents)
     with pytest.raises(StopTraining):
         stages.abduct_unet_lora(be, lat, "a", settings, progress=cancel_at_5, save_state=saved.append)
     assert saved[-1].step == 5 and len(saved[-1].losses) == 5
-    be = make_backend("sd1")
+    be = make_backend(flavour)
     resumed = stages.abduct_unet_lora(be, be.encode_image(latents), "a", settings, resume=saved[-1])
     assert resumed.losses == full.losses
     for stem, layer in full.lora.layers.items():
