@@ -289,6 +289,51 @@ def save_sd15_checkpoint(path: str) -> str:
     return path
 
 
+# The smallest UNet ComfyUI's detection takes for an SDXL-family model. Detection
+# (comfy.model_detection) reads the layout from the keys and matches a supported model's
+# unet_config only: KOALA_700M's per-res-block transformer_depth [0, 2, 5] with model_channels
+# 320, context_dim 2048, adm_in_channels 2816 and linear proj_in/out. The rest is free: one
+# level of three res blocks (no down/upsampling), no transformers in the output blocks and no
+# middle block (transformer_depth_middle -2, as in KOALA-700M itself: code that walks the UNet's
+# blocks meets middle_block None). This is what detection returns for it, less the dtype.
+SDXL_TINY = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
+    "model_channels": 320, "num_res_blocks": [3], "transformer_depth": [0, 2, 5],
+    "transformer_depth_output": [0, 0, 0, 0], "channel_mult": [1], "transformer_depth_middle": -2,
+    "use_linear_in_transformer": True, "context_dim": 2048, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def save_sdxl_checkpoint(path: str) -> str:
+    """A single-file checkpoint that ComfyUI's CheckpointLoaderSimple detects as an SDXL-family
+    model (supported_models.KOALA_700M, a model_base.SDXL: pooled text and size conditioning):
+    SDXL_TINY's UNet (~50 M parameters), SDXL's text encoders CLIP-L and OpenCLIP-G at their
+    full size (~820 M parameters; the loader fixes their shapes) and a TAESD VAE (SDXL's latents
+    have 4 channels too). All random, seeded; stored in float16 (1.74 GB, 80 % of it CLIP-G),
+    which the loader casts to its own dtypes."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+    from comfy import model_base
+    from comfy.supported_models_base import ClipTarget
+
+    dtype = torch.float16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_base.SDXL(comfy.supported_models.KOALA_700M({**SDXL_TINY, "dtype": dtype}), device="cpu")
+        _init_(model.diffusion_model)
+        clip = comfy.sd.CLIP(ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel),
+                             model_options={"dtype": dtype})
+        _init_(clip.cond_stage_model)
+    sd = model.state_dict_for_saving(clip.get_sd(), tiny_vae().get_sd())
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, path)
+    return path
+
+
 def tiny_controlnet(flavour: str = "sd1"):
     """A comfy ControlNet for tiny_model(flavour) (random weights, nonzero zero-convs so it acts)."""
     import comfy.cldm.cldm

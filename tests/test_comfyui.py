@@ -288,3 +288,40 @@ def test_counterfactual_sample_carries_controlnet_conditioning(pack, parts, trai
     assert "control" in pos_c[0][1]
     assert torch.equal(plain["samples"], no_control["samples"])  # the prompt text comes from DAC, not the input
     assert not torch.allclose(controlled["samples"], plain["samples"])  # the ControlNet acts
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(tmp_path_factory):
+    """comfy_tiny.save_sdxl_checkpoint's file (1.7 GB, removed afterwards: pytest keeps the
+    temporary folders of its last three runs)."""
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
+    yield comfy_tiny.save_sdxl_checkpoint(str(path))
+    path.unlink(missing_ok=True)
+
+
+def test_sdxl_checkpoint_loads_as_sdxl_and_samples(sdxl_checkpoint):
+    """CheckpointLoaderSimple's loader detects the tiny SDXL checkpoint as SDXL (pooled text
+    and size conditioning, SDXL latents); CLIPTextEncode, KSampler and VAEDecode run on it."""
+    import comfy.latent_formats
+    import comfy.sd
+    from comfy import model_base
+
+    import nodes as comfy_nodes
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sdxl_checkpoint, output_vae=True, output_clip=True)
+    assert isinstance(model.model, model_base.SDXL)
+    assert isinstance(model.model.latent_format, comfy.latent_formats.SDXL)
+    config = model.model.model_config.unet_config
+    assert {k: config[k] for k in comfy_tiny.SDXL_TINY} == comfy_tiny.SDXL_TINY
+    with torch.inference_mode():
+        (positive,) = comfy_nodes.CLIPTextEncode().encode(clip, "a red disc with a hat")
+        (negative,) = comfy_nodes.CLIPTextEncode().encode(clip, "")
+        cond, extra = positive[0]
+        assert cond.shape == (1, 77, 768 + 1280) and extra["pooled_output"].shape == (1, 1280)
+        y = model.model.encode_adm(pooled_output=extra["pooled_output"], width=64, height=64)
+        assert y.shape == (1, 2816)  # pooled CLIP-G output and six size/crop embeddings
+        (latent,) = comfy_nodes.EmptyLatentImage().generate(64, 64, 1)
+        (sampled,) = comfy_nodes.KSampler().sample(model, 3, 3, 5.0, "euler", "normal", positive, negative, latent)
+        (images,) = comfy_nodes.VAEDecode().decode(vae, sampled)
+    assert sampled["samples"].shape == (1, 4, 8, 8) and torch.isfinite(sampled["samples"]).all()
+    assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
