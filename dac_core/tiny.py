@@ -57,6 +57,8 @@ SCHEDULER_CONFIG = dict(
 # transformer_layers_per_block > 1), added conditioning of the pooled embedding of the
 # second text encoder and six size ids, each embedded in 256 channels as in SDXL (and as
 # ComfyUI fixes it), cross-attention over both encoders' hidden states concatenated.
+# (CLIP-L read at its penultimate layer needs three layers in ComfyUI.)
+SDXL_TEXT1_CONFIG = dict(TEXT_CONFIG, num_hidden_layers=3)
 SDXL_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_act="gelu", num_hidden_layers=3)
 SDXL_TIME_EMBED_DIM = 256
 SDXL_UNET_CONFIG = dict(
@@ -64,7 +66,7 @@ SDXL_UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     transformer_layers_per_block=(1, 2),
-    cross_attention_dim=TEXT_CONFIG["hidden_size"] + SDXL_TEXT_CONFIG["hidden_size"],
+    cross_attention_dim=SDXL_TEXT1_CONFIG["hidden_size"] + SDXL_TEXT_CONFIG["hidden_size"],
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
@@ -90,7 +92,7 @@ def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
     if flavour == "sdxl":
         tokenizer_2 = tiny_tokenizer()
         tokenizer_2.pad_token = "!"  # as SDXL's second tokenizer
-        return build_sdxl_pipeline(SDXL_UNET_CONFIG, {**VAE_CONFIG, "scaling_factor": 0.13025}, TEXT_CONFIG,
+        return build_sdxl_pipeline(SDXL_UNET_CONFIG, {**VAE_CONFIG, "scaling_factor": 0.13025}, SDXL_TEXT1_CONFIG,
                                    SDXL_TEXT_CONFIG, SDXL_SCHEDULER_CONFIG, tiny_tokenizer(), tokenizer_2, seed)
     sd2 = flavour == "sd2"
     return build_sd_pipeline({**UNET_CONFIG, "use_linear_projection": sd2}, VAE_CONFIG, TEXT_CONFIG,

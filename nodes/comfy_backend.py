@@ -22,6 +22,11 @@ training), under autocast for bf16/fp16; the text encoder computes in float32 as
 runs it, or under autocast in bf16/fp16. LoRA weights stay float32; fp16 gets loss
 scaling in dac_core.stages.
 
+SDXL: the conditioning carries bigG's pooled output, and the UNet gets it with the size ids
+as ComfyUI's SDXL conditioning does (original size = `original_size` or the latents' size,
+crop 0, target size = the latents'); the text-encoder LoRAs sit on both encoders
+(`lora_te1_` CLIP-L without its unread last layer, `lora_te2_` bigG whole).
+
 The input MODEL and CLIP are cloned first; nothing is attached to them.
 """
 
@@ -33,9 +38,26 @@ import comfy.sample
 import torch
 import torch.nn.functional as F
 
-from ..dac_core.backend import TEXT_DELTA, TEXT_EXTRA, UNET, DACBackend, LatentDistribution, fingerprint_weights
+from ..dac_core.backend import (
+    TEXT_DELTA,
+    TEXT_EXTRA,
+    UNET,
+    Conditioning,
+    DACBackend,
+    LatentDistribution,
+    fingerprint_weights,
+)
 from ..dac_core.errors import DACError
-from ..dac_core.lora import LoRA, LoRALayer, fitting_part, is_text_target, is_unet_target
+from ..dac_core.lora import (
+    TEXT1_PREFIX,
+    TEXT2_PREFIX,
+    TEXT_PREFIX,
+    LoRA,
+    LoRALayer,
+    fitting_part,
+    is_text_target,
+    is_unet_target,
+)
 from . import comfy_internals as internals
 
 TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,6 +126,14 @@ def _existing(model: torch.nn.Module, key_map: dict, is_target) -> dict[str, str
     return {stem: key for stem, key in key_map.items() if isinstance(key, str) and is_target(stem) and key in weights}
 
 
+def _one_name_per_text_layer(keys: dict[str, str]) -> dict[str, str]:
+    """ComfyUI maps both lora_te_ and lora_te1_ to the first encoder: keep SDXL's
+    lora_te1_ / lora_te2_ where there is a second encoder, lora_te_ otherwise."""
+    two = any(stem.startswith(TEXT2_PREFIX) for stem in keys)
+    drop = TEXT_PREFIX if two else TEXT1_PREFIX
+    return {stem: key for stem, key in keys.items() if not stem.startswith(drop)}
+
+
 def _model_output_and_target(kind: str, sigma, x_t, x0, noise, latents):
     """The UNet's own output (recovered from ComfyUI's x0) and its training target."""
     s = sigma.view(-1, 1, 1, 1).float()
@@ -126,14 +156,18 @@ class ComfyBackend(DACBackend):
         self.device = comfy.model_management.get_torch_device()
         self.model_sampling = self.model.get_model_object("model_sampling")
         self.prediction_type = internals.prediction_type(self.model_sampling)
-        if self.prediction_type is None:
-            raise DACError(f"this model's sampling ({type(self.model_sampling).__name__}) is not supported: DAC works "
-                           "on Stable Diffusion 1.x and 2.x checkpoints (epsilon or v-prediction)")
+        architecture = internals.architecture(self.model)
+        if self.prediction_type is None or architecture is None:
+            what = (f"its sampling ({type(self.model_sampling).__name__})" if self.prediction_type is None
+                    else f"its conditioning ({type(self.model.model).__name__})")
+            raise DACError(f"this model is not supported ({what}): DAC works on Stable Diffusion 1.x, 2.x and SDXL "
+                           "checkpoints (epsilon or v-prediction)")
+        self.architecture = architecture
         self.num_train_timesteps = len(self.model_sampling.sigmas)
         self.latent_format = self.model.get_model_object("latent_format")
         self.latent_channels = self.latent_format.latent_channels
         self.latent_factor = 8
-        self.native_side = 512
+        self.native_side = 1024 if architecture == "sdxl" else 512
         if training_dtype not in TRAINING_DTYPES:
             raise DACError(f"training_dtype {training_dtype!r} is not one of {', '.join(TRAINING_DTYPES)}")
         self.training_dtype = TRAINING_DTYPES[training_dtype]
@@ -150,12 +184,13 @@ class ComfyBackend(DACBackend):
         self._clip_keys: dict[str, str] = {}
         self._clip_trained_keys: dict[str, str] = {}
         if self.clip is not None:
-            self._clip_keys = _existing(self.clip.cond_stage_model,
-                                        internals.text_lora_keys(self.clip), is_text_target)
-            self._clip_trained_keys = internals.keys_reaching_output(self._clip_keys, self.clip)
+            self._clip_keys = _one_name_per_text_layer(_existing(self.clip.cond_stage_model,
+                                                                 internals.text_lora_keys(self.clip), is_text_target))
+            pooled_from = "clip_g" if architecture == "sdxl" else None
+            self._clip_trained_keys = internals.keys_reaching_output(self._clip_keys, self.clip, pooled_from)
         self._fingerprint: str | None = None
         self._unet_per_sample: torch.Tensor | None = None  # set by set_lora_scale, used by loss()
-        self._last_cond: torch.Tensor | None = None  # the conditioning of the last loss, for previews
+        self._last_cond: Conditioning | None = None  # the conditioning of the last loss, for previews
         if gradient_checkpointing:
             internals.checkpoint_unet_blocks(self.model)
 
@@ -187,11 +222,25 @@ class ComfyBackend(DACBackend):
         return torch.autocast(self.device.type, dtype=self.training_dtype,
                               enabled=self.training_dtype != torch.float32)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         self._load(self.clip.patcher)
         with self._autocast():
-            conds = [self.clip.encode_from_tokens(self._tokens(p)) for p in prompts]
-        return torch.cat(conds).float().to(self.device)
+            conds = [self.clip.encode_from_tokens(self._tokens(p), return_pooled=True) for p in prompts]
+        context = torch.cat([c for c, _ in conds]).float().to(self.device)
+        if self.architecture != "sdxl":
+            return Conditioning(context)
+        return Conditioning(context, torch.cat([p for _, p in conds]).float().to(self.device))
+
+    def _sizes(self, latents: torch.Tensor) -> dict[str, int]:
+        """SDXL's size conditioning for latents of this shape (ComfyUI's names)."""
+        h, w = latents.shape[-2] * self.latent_factor, latents.shape[-1] * self.latent_factor
+        ow, oh = self.original_size or (w, h)
+        return {"width": ow, "height": oh, "target_width": w, "target_height": h}
+
+    def _adm(self, cond: Conditioning, latents: torch.Tensor) -> torch.Tensor | None:
+        if self.architecture != "sdxl":
+            return None
+        return internals.sdxl_adm(self.model, cond.pooled, **self._sizes(latents))
 
     def truncated_part(self, prompt: str) -> str:
         return ""  # ComfyUI encodes long prompts in 77-token chunks: nothing is cut
@@ -284,7 +333,7 @@ class ComfyBackend(DACBackend):
                 self.strengths[UNET].value = float(per_sample[g][0])
             x_t = ms.noise_scaling(sigma[g], noise[g], latents[g])
             with self._autocast():
-                x0 = internals.apply_model(self.model, x_t, sigma[g], cond[g])
+                x0 = internals.apply_model(self.model, x_t, sigma[g], cond[g].context, self._adm(cond[g], x_t))
             pred, target = _model_output_and_target(self.prediction_type, sigma[g], x_t, x0, noise[g], latents[g])
             self._last_cond = cond.detach()
             losses.append(F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)))
@@ -295,8 +344,11 @@ class ComfyBackend(DACBackend):
         if UNET in self.wrappers:
             model.add_wrapper(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
                               lora_strength_wrapper(self.strengths[UNET], self.model_sampling, unet_scale))
-        positive = [[cond, dict(self.positive_extras)]]
-        negative = [[uncond, dict(self.negative_extras)]]
+        positive = [[cond.context, dict(self.positive_extras)]]
+        negative = [[uncond.context, dict(self.negative_extras)]]
+        if self.architecture == "sdxl":  # the pooled output with Delta at -beta, whatever the extras carried
+            for (_, extras), c in ((positive[0], cond), (negative[0], uncond)):
+                extras.update({**self._sizes(noise), **extras, "pooled_output": c.pooled})
         latent = torch.zeros_like(noise, device="cpu")
 
         def callback(step, x0, x, total):
@@ -320,7 +372,8 @@ class ComfyBackend(DACBackend):
         noise = torch.randn(latents.mean.shape, generator=g).to(latents.mean)
         sigma = self.model_sampling.sigma(torch.tensor([500.0])).to(latents.mean)
         x_t = self.model_sampling.noise_scaling(sigma, noise, latents.mean)
-        x0 = internals.apply_model(self.model, x_t, sigma, self._last_cond[:1])
+        cond = self._last_cond[:1]
+        x0 = internals.apply_model(self.model, x_t, sigma, cond.context, self._adm(cond, x_t))
         image = (self.decode_latents(x0)[0].clamp(-1, 1) + 1) * 127.5
         return ("JPEG", Image.fromarray(image.round().byte().movedim(0, -1).cpu().numpy()), 512)
 

@@ -18,6 +18,7 @@ import uuid
 
 import comfy.clip_model
 import comfy.lora
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
@@ -89,11 +90,13 @@ def patch_clip_layers_out_of_place(patcher) -> None:
             patcher.add_object_patch(f"{n}.forward", types.MethodType(_clip_layer_forward, m))
 
 
-def text_layers_used(clip) -> dict[str, int]:
-    """For each text encoder inside `clip` ("clip_l", "clip_h", ...): how many of its
+def text_layers_used(clip, pooled_from: str | None = None) -> dict[str, int]:
+    """For each text encoder inside `clip` ("clip_l", "clip_h", "clip_g"): how many of its
     transformer layers reach the output the UNet reads. SD 2.x builds OpenCLIP-H with 24
     layers and reads the penultimate one, so its layer 23 never matters; CLIP Set Last
-    Layer (clip skip) cuts SD 1.x likewise. (SD 1.x / 2.x UNets take no pooled output.)"""
+    Layer (clip skip) cuts SD 1.x likewise; SDXL reads CLIP-L's penultimate layer. The
+    encoder `pooled_from` (SDXL: "clip_g") also makes the pooled output the UNet takes,
+    from its last layer: all its layers count."""
     used = {}
     csm = clip.cond_stage_model
     for name, sub in csm.named_children():
@@ -101,7 +104,7 @@ def text_layers_used(clip) -> dict[str, int]:
             continue
         n = sub.num_layers
         idx = clip.layer_idx if clip.layer_idx is not None else (sub.layer_idx if sub.layer == "hidden" else None)
-        if idx is not None and abs(idx) <= n:
+        if idx is not None and abs(idx) <= n and name != pooled_from:
             n = (idx % n) + 1
         used[name] = n
     return used
@@ -110,11 +113,11 @@ def text_layers_used(clip) -> dict[str, int]:
 _TEXT_LAYER = re.compile(r"^(?:[^.]*\.)?(clip_\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
 
 
-def keys_reaching_output(keys: dict[str, str], clip) -> dict[str, str]:
+def keys_reaching_output(keys: dict[str, str], clip, pooled_from: str | None = None) -> dict[str, str]:
     """The entries of `keys` (LoRA stem -> text-encoder weight key) whose layer reaches the
     output (not SD 2.x's unused layer 23): only those are trained and saved, so the file fits
     diffusers' 23-layer SD 2.x encoder. Keys outside the encoder layers are kept."""
-    used = text_layers_used(clip)
+    used = text_layers_used(clip, pooled_from)
     out = {}
     for stem, key in keys.items():
         m = _TEXT_LAYER.match(key)
@@ -124,6 +127,29 @@ def keys_reaching_output(keys: dict[str, str], clip) -> dict[str, str]:
 
 
 # --- diffusion model ------------------------------------------------------------------------
+def architecture(patcher) -> str | None:
+    """"sd" (SD 1.x / 2.x: text cross-attention only), "sdxl" (SDXL and its distilled
+    variants: plus the pooled embedding and size ids as `y`), or None for any other model
+    (SD 2.x unCLIP, the SDXL refiner, inpainting or instruct models with concat inputs, ...)."""
+    model = patcher.model
+    if getattr(model, "concat_keys", ()) or getattr(model, "inpaint_model", False):
+        return None
+    if type(model) is comfy.model_base.BaseModel:
+        return "sd"
+    if type(model) is comfy.model_base.SDXL:
+        return "sdxl"
+    return None
+
+
+def sdxl_adm(patcher, pooled: torch.Tensor, width: int, height: int, target_width: int,
+             target_height: int) -> torch.Tensor:
+    """SDXL's `y` (pooled embedding, then the embedded original size, crop 0 and target
+    size), as ComfyUI's conditioning would give it; differentiable in `pooled`."""
+    return patcher.model.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
+                                    target_width=target_width, target_height=target_height,
+                                    device=pooled.device).to(pooled.device)
+
+
 def prediction_type(model_sampling) -> str | None:
     """"epsilon" or "v_prediction" for the discrete-time SD 1.x / 2.x samplings, else None."""
     ms = comfy.model_sampling
@@ -161,14 +187,19 @@ def checkpoint_unet_blocks(patcher) -> None:
         blocks = getattr(unet, group)
         named = [(f"{group}.{i}", b) for i, b in enumerate(blocks)] if group != "middle_block" else [(group, blocks)]
         for name, block in named:
+            if block is None:  # distilled SDXL UNets (KOALA) have no middle block
+                continue
             patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
 
 
-def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
     """The denoised x0 for noised latents `x_t` at `sigma`, with the patcher's wrappers and
-    transformer options (what a sampler's model call does, without the guider)."""
+    transformer options (what a sampler's model call does, without the guider); `y`: SDXL's
+    added conditioning (`sdxl_adm`)."""
+    extra = {} if y is None else {"y": y}
     return patcher.model.apply_model(x_t, sigma, c_crossattn=cond,
-                                     transformer_options=patcher.model_options["transformer_options"])
+                                     transformer_options=patcher.model_options["transformer_options"], **extra)
 
 
 def vae_posterior(vae, image: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -93,7 +93,19 @@ def copy_pack(custom_nodes: str, name: str = PACK_FOLDER) -> str:
 
 
 def unet_config(flavour: str) -> dict:
-    from dac_core.tiny import UNET_CONFIG
+    """ComfyUI's UNet config for dac_core.tiny's UNet of this flavour."""
+    from dac_core.tiny import SDXL_UNET_CONFIG, UNET_CONFIG
+
+    if flavour == "sdxl":  # level 0 without attention, level 1 (and the middle) two transformer blocks each
+        return {
+            "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+            "channel_mult": [1, 2], "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2],
+            "transformer_depth_middle": 2, "context_dim": SDXL_UNET_CONFIG["cross_attention_dim"],
+            "num_heads": SDXL_UNET_CONFIG["attention_head_dim"], "num_head_channels": -1,
+            "use_linear_in_transformer": True, "legacy": False, "use_spatial_transformer": True,
+            "adm_in_channels": SDXL_UNET_CONFIG["projection_class_embeddings_input_dim"], "num_classes": "sequential",
+            "use_temporal_attention": False, "use_temporal_resblock": False, "dtype": torch.float32,
+        }
 
     return {
         "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": UNET_CONFIG["block_out_channels"][0],
@@ -107,7 +119,7 @@ def unet_config(flavour: str) -> dict:
 
 
 def tiny_model(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
-    """A ModelPatcher of a tiny SD1.x (epsilon) or SD2.x (v-prediction) model whose weights
+    """A ModelPatcher of a tiny SD1.x (epsilon), SD2.x (v-prediction) or SDXL model whose weights
     are stored in `dtype`. ComfyUI computes in the storage dtype unless it decides to cast
     (comfy.model_management.unet_manual_cast, asked here as a checkpoint loader would)."""
     import comfy.model_management
@@ -119,18 +131,20 @@ def tiny_model(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
     from dac_core.tiny import tiny_pipeline
 
     config = {**unet_config(flavour), "dtype": dtype}
-    cls = comfy.supported_models.SD15 if flavour == "sd1" else comfy.supported_models.SD20
+    cls = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+           "sdxl": comfy.supported_models.SDXL}[flavour]
     supported = cls(dict(config))
     supported.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, torch.device("cpu")))
     # SD20 forces 64 channels per head; the tiny model keeps diffusers' head count instead.
     supported.unet_config.update(num_heads=config["num_heads"], num_head_channels=-1)
-    model_type = model_base.ModelType.EPS if flavour == "sd1" else model_base.ModelType.V_PREDICTION
-    model = model_base.BaseModel(supported, model_type=model_type, device="cpu")
+    model_type = model_base.ModelType.V_PREDICTION if flavour == "sd2" else model_base.ModelType.EPS
+    model = (model_base.SDXL if flavour == "sdxl" else model_base.BaseModel)(supported, model_type=model_type,
+                                                                            device="cpu")
     diffusers_sd = tiny_pipeline(flavour).unet.state_dict()
     mapping = comfy.utils.unet_to_diffusers({**config, "num_res_blocks": [1, 1]})
     ldm = {ldm_key: diffusers_sd[d] for d, ldm_key in mapping.items() if d in diffusers_sd}
     missing, unexpected = model.diffusion_model.load_state_dict(ldm, strict=False)
-    assert not missing, missing
+    assert not missing and len(ldm) == len(diffusers_sd), (missing, set(diffusers_sd) - set(mapping))
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
@@ -150,6 +164,24 @@ def hf_text_encoder(flavour: str = "sd1"):
         return CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), small
 
 
+def hf_sdxl_text_encoders():
+    """The transformers encoders behind tiny_clip("sdxl"): CLIP-L's vocabulary, dac_core.tiny's
+    SDXL encoder shapes (a CLIPTextModel, and a CLIPTextModelWithProjection whose projection
+    makes the pooled embedding), with their configs."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dac_core.tiny import SDXL_TEXT1_CONFIG, SDXL_TEXT_CONFIG
+
+    ids = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407)
+    small_l = {**SDXL_TEXT1_CONFIG, **ids, "hidden_act": "quick_gelu"}
+    small_g = {**SDXL_TEXT_CONFIG, **ids}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        te1 = CLIPTextModel(CLIPTextConfig(**small_l, pad_token_id=49407))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**small_g, pad_token_id=0))
+    return (te1, small_l), (te2, small_g)
+
+
 def parity_pipeline(comfyui: str, flavour: str = "sd1"):
     """dac_core.tiny's diffusers pipeline with tiny_clip(flavour)'s text encoder and ComfyUI's
     CLIP tokenizer, so both backends see the same weights and tokens. For "sd2" the encoder
@@ -159,9 +191,15 @@ def parity_pipeline(comfyui: str, flavour: str = "sd1"):
     from dac_core.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(flavour)
-    hf, small = hf_text_encoder(flavour)
     pipe.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(comfyui, "comfy", "sd1_tokenizer"))
     pipe.tokenizer.model_max_length = 77
+    if flavour == "sdxl":  # ComfyUI pads CLIP-L with the end token and bigG with "!" (id 0), as diffusers
+        (pipe.text_encoder, _), (pipe.text_encoder_2, _) = hf_sdxl_text_encoders()
+        pipe.tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(comfyui, "comfy", "sd1_tokenizer"))
+        pipe.tokenizer_2.model_max_length = 77
+        pipe.tokenizer_2.pad_token = "!"
+        return pipe
+    hf, small = hf_text_encoder(flavour)
     if flavour == "sd2":
         cut = CLIPTextModel(CLIPTextConfig(**{**small, "num_hidden_layers": small["num_hidden_layers"] - 1},
                                            bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
@@ -178,9 +216,25 @@ def tiny_clip(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
     read at the penultimate layer (SD 2.x), the real tokenizer, weights stored in `dtype`."""
     import comfy.sd
     import comfy.sd1_clip
+    from comfy import sdxl_clip
     from comfy.supported_models_base import ClipTarget
     from comfy.text_encoders import sd2_clip
 
+    def load(encoder, hf, small):
+        sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+              for k, v in hf.state_dict().items()}
+        sd.setdefault("text_projection.weight", torch.eye(small["hidden_size"]))
+        missing, _ = encoder.transformer.load_state_dict(sd, strict=False)
+        assert not [k for k in missing if "position_ids" not in k], missing
+
+    if flavour == "sdxl":
+        (te1, small_l), (te2, small_g) = hf_sdxl_text_encoders()
+        clip = comfy.sd.CLIP(ClipTarget(sdxl_clip.SDXLTokenizer, sdxl_clip.SDXLClipModel),
+                             model_options={"clip_l_model_config": small_l, "clip_g_model_config": small_g,
+                                            "dtype": dtype})
+        load(clip.cond_stage_model.clip_l, te1, small_l)
+        load(clip.cond_stage_model.clip_g, te2, small_g)
+        return clip
     hf, small = hf_text_encoder(flavour)
     if flavour == "sd2":
         target, name = ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel), "clip_h"

@@ -1,7 +1,8 @@
 """The DAC nodes inside a real ComfyUI (set COMFYUI_PATH to a ComfyUI checkout).
 
-Nodes run as ComfyUI's executor runs them: inside torch.inference_mode(), on tiny SD1.x
-models built in code (tests/comfy_tiny.py) with the same weights as dac_core.tiny's.
+Nodes run as ComfyUI's executor runs them: inside torch.inference_mode(), on tiny SD1.x and
+SDXL models built in code (tests/comfy_tiny.py) with the same weights as dac_core.tiny's:
+every test that takes `parts` runs on both.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ def pack():
     return importlib.import_module("dac_pack.nodes.dac_nodes")
 
 
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def flavour(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def parts():
-    return comfy_tiny.tiny_model("sd1"), comfy_tiny.tiny_clip(), comfy_tiny.tiny_vae()
+def parts(flavour):
+    return comfy_tiny.tiny_model(flavour), comfy_tiny.tiny_clip(flavour), comfy_tiny.tiny_vae()
 
 
 @pytest.fixture
@@ -63,12 +69,20 @@ def ksample(model, clip, prompt="a red disc with a hat", seed=3):
         return comfy_nodes.common_ksampler(model, seed, 4, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
 
 
-def test_abductions_lower_the_loss_and_keep_the_source_size(trained):
+def test_abductions_lower_the_loss_and_keep_the_source_size(trained, flavour):
+    from dac_core.backend import TEXT_DELTA, UNET
+    from dac_core.diffusers_backend import DiffusersBackend
+    from dac_core.tiny import tiny_pipeline
+
     u, d, preview_model, loss_u, loss_d = trained
     assert len(loss_u["loss"]) == 60 and len(loss_d["loss"]) == 30
     assert np.mean(loss_u["loss"][-15:]) < np.mean(loss_u["loss"][:15])
-    assert len(u) == 79 and all(k.startswith("lora_unet_") for k in u.layers)  # as many layers as in diffusers
-    assert len(d) == 8 and all(k.startswith("lora_te_text_model_encoder_layers_") for k in d.layers)
+    # the same layers, under the same names, as the diffusers backend trains on this model
+    diffusers_be = DiffusersBackend(tiny_pipeline(flavour))
+    assert set(u.layers) == set(diffusers_be.lora_shapes(UNET)) and len(u) == (79 if flavour == "sd1" else 119)
+    assert set(d.layers) == set(diffusers_be.lora_shapes(TEXT_DELTA))
+    assert {k.split("text_model")[0] for k in d.layers} == ({"lora_te_"} if flavour == "sd1" else
+                                                            {"lora_te1_", "lora_te2_"})
     assert (u.metadata["dac.width"], u.metadata["dac.height"]) == ("64", "48")
     assert u.metadata["dac.stage"] == "unet" and d.metadata["dac.stage"] == "text"
 
@@ -214,15 +228,16 @@ def test_text_lora_where_a_unet_lora_is_expected(pack, parts, trained, image):
         pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", d, 0.8, 2, 1e-3, 4, 1, "fp32")
 
 
-def test_lora_from_another_base_model(pack, parts, image):
+def test_lora_from_another_base_model(pack, parts, flavour, image):
     model, clip, vae = parts
-    other = comfy_tiny.tiny_model("sd2")  # linear proj_in/out: other shapes
+    other = "sd2" if flavour == "sd1" else "sd1"  # SD 2.x: linear proj_in/out, other shapes; SDXL, SD 1.x: all
     with torch.inference_mode():
-        u_other = pack.AbductUNetLoRA.execute(other, clip, vae, image, "a", 2, 1e-3, 4, 1, "fp32", False, 0).args[0]
+        u_other = pack.AbductUNetLoRA.execute(comfy_tiny.tiny_model(other), comfy_tiny.tiny_clip(other), vae, image,
+                                              "a", 2, 1e-3, 4, 1, "fp32", False, 0).args[0]
     from dac_pack.dac_core.errors import DACError
 
-    with torch.inference_mode(), pytest.raises(DACError, match="the unet_lora input does not fit this model: layer "
-                                                                "lora_unet_"):
+    with torch.inference_mode(), pytest.raises(DACError, match="the unet_lora input does not fit this model: (it has )?"
+                                                                "layer lora_unet_"):
         pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", u_other, 0.8, 2, 1e-3, 4, 1, "fp32")
 
 
@@ -269,14 +284,14 @@ def test_progress_bar_moves_and_shows_reconstruction_previews(pack, parts, image
     assert kind == "JPEG" and picture.size == (64, 48)
 
 
-def test_counterfactual_sample_carries_controlnet_conditioning(pack, parts, trained, image):
+def test_counterfactual_sample_carries_controlnet_conditioning(pack, parts, flavour, trained, image):
     """Conditioning from ControlNet Apply goes into the positive/negative inputs: the control
     acts on the DAC sample; the text embedding is DAC's own."""
     import nodes as comfy_nodes
 
     model, clip, _ = parts
     u, d, *_ = trained
-    control = comfy_tiny.tiny_controlnet()
+    control = comfy_tiny.tiny_controlnet(flavour)
     with torch.inference_mode():
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("something else entirely"))
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))

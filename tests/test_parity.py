@@ -1,7 +1,8 @@
 """Cross-backend parity: the same tiny weights in diffusers and in ComfyUI, the same seed
 and steps, give matching losses and LoRA deltas (needs COMFYUI_PATH), for an SD 1.x-style
 (epsilon, CLIP-L) and an SD 2.x-style model (v-prediction, OpenCLIP-H-shaped text encoder
-read at the penultimate layer, as ComfyUI builds it: one layer more than diffusers').
+read at the penultimate layer, as ComfyUI builds it: one layer more than diffusers') and an
+SDXL-style model.
 
 Tolerance: losses within 1e-4 relative at every step; LoRA deltas within 1e-2 relative
 overall, and no layer's difference above 5e-2 of the largest layer delta. (Adam divides each
@@ -10,7 +11,8 @@ projections, turn float-level differences between the backends, such as ComfyUI'
 timestep vs diffusers' integer one, into visible direction changes; their size stays tiny.)
 Measured on 2 CPU cores, fp32, 15 + 10 steps, no gradient clipping: SD 1.x-style UNet LoRA
 6.9e-3 overall / 1.8e-2 worst layer, text-encoder LoRA 1.3e-5 / 3.1e-5; SD 2.x-style
-(v-prediction) 6.4e-3 / 1.5e-2 and 3.1e-6 / 3.6e-6. Both backends draw the
+(v-prediction) 6.4e-3 / 1.5e-2 and 3.1e-6 / 3.6e-6; SDXL-style (two text encoders, pooled
+embedding and size ids) 6.0e-3 / 1.6e-2 and 7.1e-5 / 2.1e-4. Both backends draw the
 fresh LoRAs from the same generator (dac_core.lora.fresh_lora) and share the latent
 distribution (the ComfyUI test VAE is TAESD, not the tiny diffusers VAE).
 """
@@ -41,7 +43,7 @@ def lora_difference(a, b) -> tuple[float, float]:
     return overall, worst
 
 
-@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+@pytest.mark.parametrize("flavour", ["sd1", "sd2", "sdxl"])
 def test_abductions_match_across_backends(flavour):
     from dac_core.backend import LatentDistribution
     from dac_core.diffusers_backend import DiffusersBackend
@@ -59,13 +61,20 @@ def test_abductions_match_across_backends(flavour):
 
     with torch.inference_mode():
         comfy_be = ComfyBackend(comfy_tiny.tiny_model(flavour), comfy_tiny.tiny_clip(flavour))
+        # SDXL: a photo of 96 x 64 trained at 64 x 64 (the size ids differ, in the same order in both)
+        comfy_be.original_size = diffusers_be.original_size = (96, 64)
         with torch.inference_mode(False), torch.enable_grad():
             cond_c = comfy_be.encode_prompts(["a red disc"]).detach()
             u_c = stages.abduct_unet_lora(comfy_be, latents, "a red disc", settings)
     with torch.no_grad():
         cond_d = diffusers_be.encode_prompts(["a red disc"])
-    assert torch.allclose(cond_c, cond_d, atol=1e-5)  # same text embedding from both text encoders
-    expected = "epsilon" if flavour == "sd1" else "v_prediction"
+    assert torch.allclose(cond_c.context, cond_d.context, atol=1e-5)  # same text embedding from both text encoders
+    if flavour == "sdxl":  # and the same pooled embedding
+        assert comfy_be.architecture == diffusers_be.architecture == "sdxl"
+        assert torch.allclose(cond_c.pooled, cond_d.pooled, atol=1e-5)
+    else:
+        assert cond_c.pooled is None and cond_d.pooled is None
+    expected = "v_prediction" if flavour == "sd2" else "epsilon"
     assert comfy_be.prediction_type == diffusers_be.prediction_type == expected
     u_d = stages.abduct_unet_lora(diffusers_be, latents, "a red disc", settings)
 
@@ -144,9 +153,9 @@ def test_sd2_text_lora_moves_between_backends(sd2_backends, trained_in):
             comfy_minus = encoded_with(comfy_be, TEXT_DELTA, delta, -1.0)
     diffusers_plain = encoded_with(diffusers_be, TEXT_DELTA, delta, 0.0)
     diffusers_minus = encoded_with(diffusers_be, TEXT_DELTA, delta, -1.0)
-    assert torch.allclose(comfy_plain, diffusers_plain, atol=1e-5)  # the same encoder in both
-    assert not torch.allclose(comfy_minus, comfy_plain, atol=1e-4)  # Delta acts
-    assert torch.allclose(comfy_minus, diffusers_minus, atol=1e-5)  # and acts the same
+    assert torch.allclose(comfy_plain.context, diffusers_plain.context, atol=1e-5)  # the same encoder in both
+    assert not torch.allclose(comfy_minus.context, comfy_plain.context, atol=1e-4)  # Delta acts
+    assert torch.allclose(comfy_minus.context, diffusers_minus.context, atol=1e-5)  # and acts the same
 
     other = diffusers_be if trained_in == "comfyui" else comfy_be
     with torch.inference_mode():

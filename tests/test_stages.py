@@ -84,8 +84,9 @@ def test_abduction2_trains_only_the_text_lora(make_backend, latents, flavour):
     be.loss = spying_loss
     result = stages.abduct_text_lora(be, lat, "a red disc with a hat", unet_lora, FAST_TEXT, eta=0.8)
     assert seen_grad and not any(seen_grad), "the frozen UNet LoRA was trainable during Abduction-2"
-    if flavour == "sdxl":  # CLIP-L read at its penultimate layer: 1 of 2 layers; bigG: 3 of 3
-        layers = {"lora_te1_text_model_encoder_layers_0": 4, "lora_te2_text_model_encoder_layers_0": 4,
+    if flavour == "sdxl":  # CLIP-L read at its penultimate layer: 2 of 3 layers; bigG: 3 of 3
+        layers = {"lora_te1_text_model_encoder_layers_0": 4, "lora_te1_text_model_encoder_layers_1": 4,
+                  "lora_te2_text_model_encoder_layers_0": 4,
                   "lora_te2_text_model_encoder_layers_1": 4, "lora_te2_text_model_encoder_layers_2": 4}
     else:  # 2 layers x q, k, v, out
         layers = {"lora_te_text_model_encoder_layers_0": 4, "lora_te_text_model_encoder_layers_1": 4}
