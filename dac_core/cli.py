@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, P.SOURCE_PROMPT, default=None)
     _add(p, P.TARGET_PROMPT, default=None)
     p.add_argument("--model", default=None,
-                   help="Stable Diffusion 1.x/2.x: a diffusers folder, a .safetensors/.ckpt file, or a hub id "
+                   help="Stable Diffusion 1.x, 2.x or SDXL (picked from the model): a diffusers folder, a "
+                        ".safetensors/.ckpt file, or a hub id "
                         f"(default: {EditParams.model}, needs the network)")
     p.add_argument("--out", default=None, help="also write the edited image here (PNG)")
     p.add_argument("--workdir", default="dac_work",

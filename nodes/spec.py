@@ -64,8 +64,8 @@ def _param(param: P.Param, tooltip: str, name: str | None = None, **extra) -> In
     return In(name or param.name, kind, tooltip, default, low, param.high, param.ui_step, **extra)
 
 
-_MODEL = In("model", "MODEL", "The base diffusion model (SD 1.x or 2.x checkpoint). It is never modified.")
-_CLIP = In("clip", "CLIP", "The checkpoint's text encoder. It is never modified.")
+_MODEL = In("model", "MODEL", "The base diffusion model (an SD 1.x, 2.x or SDXL checkpoint). It is never modified.")
+_CLIP = In("clip", "CLIP", "The checkpoint's text encoder (SDXL: both, CLIP-L and bigG). It is never modified.")
 _VAE = In("vae", "VAE", "Encodes the source photo into latents.")
 _IMAGE = In("image", "IMAGE", "The one photo to edit (a batch of one image).")
 _UNET_LORA = In("unet_lora", DAC_LORA, "The UNet LoRA from Abduct UNet LoRA (or Load DAC LoRA).")

@@ -81,16 +81,16 @@ class HugeLossScale(torch.amp.GradScaler):
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
-    """Saved tiny diffusers folders, {"sd1": path, "sd2": path}, built once per session."""
-    from dac_core.tiny import save_tiny_model
+    """Saved tiny diffusers folders, {"sd1": path, "sd2": path, "sdxl": path}, built once per session."""
+    from dac_core.tiny import FLAVOURS, save_tiny_model
 
     base = tmp_path_factory.mktemp("models")
-    return {flavour: save_tiny_model(str(base / flavour), flavour) for flavour in ("sd1", "sd2")}
+    return {flavour: save_tiny_model(str(base / flavour), flavour) for flavour in FLAVOURS}
 
 
 @pytest.fixture
 def make_backend():
-    """A fresh CPU DiffusersBackend on a tiny model: make_backend("sd1" | "sd2", exact_reference=False)."""
+    """A fresh CPU DiffusersBackend on a tiny model: make_backend("sd1" | "sd2" | "sdxl", exact_reference=False)."""
     from dac_core.diffusers_backend import DiffusersBackend
     from dac_core.tiny import tiny_pipeline
 

@@ -231,3 +231,51 @@ def test_grayscale_rgba_palette_and_16bit_photos_edit(tmp_path, source_image, ti
         img.save(tmp_path / name)
         result = edit(str(tmp_path / name), params, tmp_path / ("w_" + name))
         assert result.images[0].mode == "RGB", name
+
+
+def test_sdxl_folder_edits_end_to_end_with_sdxl_defaults(tmp_path, photo, tiny_model_dirs):
+    """An SDXL diffusers folder: dac-edit picks the SDXL pipeline, trains U at SDXL's default
+    rank (128) and Delta on both text encoders, and writes the edit at the photo's aspect."""
+    work = tmp_path / "work"
+    r = run_cli(photo, "--source-prompt", "a red disc", "--target-prompt", "a red disc with a hat", "--model",
+                tiny_model_dirs["sdxl"], "--workdir", work, "--unet-steps", "2", "--text-steps", "2",
+                "--sample-steps", "2", "--device", "cpu")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    record = json.loads((work / "dac_edit.json").read_text())
+    assert record["size"] == [80, 48] and Image.open(work / "edit.png").size == (80, 48)
+    unet, text = L.load_lora(record["unet_lora"]), L.load_lora(record["text_lora"])
+    assert unet.rank == 128 and unet.metadata["dac.rank"] == "128"
+    assert {stem.split("text_model")[0] for stem in text.layers} == {"lora_te1_", "lora_te2_"}
+
+
+def test_other_architectures_are_one_line_errors(cli, photo, tmp_path):
+    from safetensors.torch import save_file
+
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": __import__("torch").zeros(2, 2)}, sd3)
+    for model, what in ((flux, "is a FluxPipeline"), (sd3, "is an SD3 checkpoint")):
+        code, err = cli(photo, "--source-prompt", "a", "--target-prompt", "b", "--model", model)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"dac-edit: error: model '{model}' {what}; DAC supports Stable Diffusion 1.x, 2.x and SDXL" in err
+
+
+def test_a_refiner_or_inpainting_pipeline_is_named(tiny_model_dirs):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dac_core.diffusers_backend import DiffusersBackend
+    from dac_core.errors import DACError
+    from dac_core.tiny import UNET_CONFIG, tiny_pipeline
+
+    refiner = tiny_pipeline("sdxl")
+    refiner.text_encoder = None  # the SDXL refiner has bigG only
+    with pytest.raises(DACError, match="holds an SDXL refiner; DAC supports Stable Diffusion 1.x, 2.x and SDXL"):
+        DiffusersBackend(refiner)
+    inpaint = tiny_pipeline("sd1")
+    with torch.random.fork_rng():
+        inpaint.unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9})
+    with pytest.raises(DACError, match="takes class labels or extra input channels"):
+        DiffusersBackend(inpaint)
