@@ -246,6 +246,11 @@ def test_sdxl_folder_edits_end_to_end_with_sdxl_defaults(tmp_path, photo, tiny_m
     unet, text = L.load_lora(record["unet_lora"]), L.load_lora(record["text_lora"])
     assert unet.rank == 128 and unet.metadata["dac.rank"] == "128"
     assert {stem.split("text_model")[0] for stem in text.layers} == {"lora_te1_", "lora_te2_"}
+    again = run_cli(photo, "--source-prompt", "a red disc", "--target-prompt", "a blue disc", "--model",
+                    tiny_model_dirs["sdxl"], "--workdir", work, "--unet-steps", "2", "--text-steps", "2",
+                    "--sample-steps", "2", "--device", "cpu")
+    assert again.returncode == 0 and "reusing UNet LoRA (Abduction-1)" in again.stderr, again.stderr
+    assert json.loads((work / "dac_edit.json").read_text())["unet_lora"] == record["unet_lora"]
 
 
 def test_other_architectures_are_one_line_errors(cli, photo, tmp_path):

@@ -340,3 +340,22 @@ def test_sdxl_checkpoint_loads_as_sdxl_and_samples(sdxl_checkpoint):
         (images,) = comfy_nodes.VAEDecode().decode(vae, sampled)
     assert sampled["samples"].shape == (1, 4, 8, 8) and torch.isfinite(sampled["samples"]).all()
     assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
+
+
+def test_a_model_of_other_conditioning_is_named(pack, image):
+    """The SDXL refiner (an SDXL-shaped UNet with other added conditioning) is refused with the
+    architectures DAC supports, before anything trains."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from dac_pack.dac_core.errors import DACError
+
+    config = comfy_tiny.unet_config("sdxl")
+    refiner = comfy.model_base.SDXLRefiner(comfy.supported_models.SDXLRefiner(dict(config)), device="cpu")
+    patcher = comfy.model_patcher.ModelPatcher(refiner, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    with torch.inference_mode(), pytest.raises(DACError, match=r"not supported \(its conditioning \(SDXLRefiner\)\): "
+                                                                "DAC works on Stable Diffusion 1.x, 2.x and SDXL"):
+        pack.AbductUNetLoRA.execute(patcher, comfy_tiny.tiny_clip("sdxl"), comfy_tiny.tiny_vae(), image, "a", 2,
+                                    1e-3, 4, 1, "fp32", False, 0)
