@@ -348,7 +348,6 @@ def test_a_model_of_other_conditioning_is_named(pack, image):
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
-
     from dac_pack.dac_core.errors import DACError
 
     config = comfy_tiny.unet_config("sdxl")
