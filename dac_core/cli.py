@@ -54,21 +54,41 @@ def _type(param: P.Param):
     return parse
 
 
-def _add(group, param: P.Param, default=argparse.SUPPRESS, **extra) -> None:
-    """The option of `param`: its flag, type, range and help (with the default)."""
+def _list_type(param: P.Param):
+    """argparse type of a parameter a sweep may list: "0.6" or "0, 0.5, 1", each in range."""
+    from .errors import DACError
+    from .sweep import parse_values
+
+    def parse(text: str):
+        try:
+            return parse_values(text, param, "")
+        except DACError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+    parse.__name__ = param.name
+    return parse
+
+
+def _add(group, param: P.Param, default=argparse.SUPPRESS, listed: bool = False, **extra) -> None:
+    """The option of `param`: its flag, type, range and help (with the default); `listed`:
+    it also takes a comma-separated list (a sweep)."""
     shown = f"default {param.default}" if param.default not in (None, "") else None
     if param.kind in (int, float) and param.low is not None:
         shown = f"{param.valid().split(' ', 2)[-1]}; {shown}" if shown else param.valid().split(" ", 2)[-1]
     default = param.default if default is argparse.SUPPRESS else default
-    group.add_argument(param.flag, type=_type(param), default=default,
-                       help=param.help + (f" ({shown})" if shown else ""), **extra)
+    more = "; a comma-separated list sweeps it (see --help's sweep note)" if listed else ""
+    group.add_argument(param.flag, type=_list_type(param) if listed else _type(param), default=default,
+                       help=param.help + (f" ({shown}{more})" if shown else ""), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="dac-edit",
         description="Edit one photo with a text prompt by DAC (Doubly Abductive Counterfactual inference, CVPR 2024).",
-        epilog="Example: dac-edit cat.jpg --source-prompt 'A cat.' --target-prompt 'A cat wearing a wool cap.'",
+        epilog="Example: dac-edit cat.jpg --source-prompt 'A cat.' --target-prompt 'A cat wearing a wool cap.'  "
+               "Sweep: --eta 0.6,0.8 --beta 0,0.5,1,1.5 trains U once and Delta once per eta, samples every "
+               "(eta, beta) with the same seeds and writes WORKDIR/sweep_grid.png (rows eta, columns beta), "
+               "WORKDIR/sweep/*.png and WORKDIR/dac_sweep.json.",
     )
     p.add_argument("image", nargs="?", help="the photo to edit (PNG, JPEG, WebP, ...)")
     p.add_argument("--demo", action="store_true",
@@ -87,14 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "LoRAs found there are reused")
     g = p.add_argument_group("abduction (training)")
     for param in (P.UNET_STEPS, P.TEXT_STEPS, P.UNET_RANK, P.TEXT_RANK, P.LEARNING_RATE, P.MAX_GRAD_NORM,
-                  P.TRAIN_SEED, P.ETA):
+                  P.TRAIN_SEED):
         _add(g, param)
+    _add(g, P.ETA, listed=True)
     g.add_argument("--unet-lora", default=None,
                    help="use this UNet LoRA file (kohya or diffusers format) instead of running Abduction-1")
     g.add_argument("--text-lora", default=None,
                    help="use this text-encoder LoRA file instead of running Abduction-2")
     s = p.add_argument_group("counterfactual sampling")
-    for param in (P.BETA, P.NEGATIVE_PROMPT, P.SAMPLE_STEPS, P.CFG, P.SEED, P.BATCH_SIZE):
+    _add(s, P.BETA, listed=True)
+    for param in (P.NEGATIVE_PROMPT, P.SAMPLE_STEPS, P.CFG, P.SEED, P.BATCH_SIZE):
         _add(s, param)
     r = p.add_argument_group("runtime")
     _add(r, P.RESOLUTION)
@@ -180,9 +202,20 @@ def _run(args) -> int:
 
         model = model or demo.model_path()
         image = image or demo.SOURCE_IMAGE
-    names = {f.name for f in dataclasses.fields(EditParams)} - {"model"}
-    params = EditParams(model=model or EditParams.model,
+    etas, betas = ([v] if isinstance(v, (int, float)) else v for v in (args.eta, args.beta))
+    names = {f.name for f in dataclasses.fields(EditParams)} - {"model", "eta", "beta"}
+    params = EditParams(model=model or EditParams.model, eta=etas[0], beta=betas[0],
                         **{name: getattr(args, name) for name in names if hasattr(args, name)})
+    if len(etas) > 1 or len(betas) > 1:
+        from .sweep import sweep
+
+        swept = sweep(image, params, etas, betas, workdir=args.workdir, progress=_Progress)
+        if args.out is not None:
+            swept.grid.save(args.out, format="PNG")
+        print(swept.grid_path)
+        logging.getLogger("dac_core").info("%d images in %s | record: %s", len(swept.cells),
+                                           os.path.dirname(swept.cells[0].path), swept.record_path)
+        return 0
     result = edit(image, params, workdir=args.workdir, out=args.out, progress=_Progress)
     for path in result.image_paths:
         print(path)

@@ -183,6 +183,111 @@ def _image_paths(base: str, count: int) -> list[str]:
     return [f"{stem}_{i}{ext or '.png'}" for i in range(count)]
 
 
+@dataclass
+class Stage:
+    """One abduction's LoRA in a work folder: where it is, its losses, whether it was reused."""
+
+    lora: LoRA
+    path: str
+    key: str
+    losses: list[float]
+    reused: bool
+
+
+class EditSession:
+    """The pieces of an edit in a work folder, each run at most once per setting: the photo
+    encoded once, U (Abduction-1) trained or reused, Delta per eta (Abduction-2 depends on
+    it) trained or reused, and counterfactual samples per (eta, beta). `edit` runs one of
+    each; `dac_core.sweep` runs U once, Delta per eta and samples per cell."""
+
+    def __init__(self, image, params: EditParams, workdir: str | os.PathLike = "dac_work",
+                 backend: DACBackend | None = None, progress: ProgressFactory | None = None,
+                 checkpoint_every: int = 100):
+        params.check()
+        self.image = image
+        self.params = params
+        self.pil = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        self.workdir = os.fspath(workdir)
+        if backend is None:
+            from .diffusers_backend import DiffusersBackend
+
+            backend = DiffusersBackend.from_model(params.model, params.device, params.dtype)
+        self.backend = backend
+        self.size = fit_size(*self.pil.size, params.resolution or backend.native_side, 8)
+        self.pixels = image_to_tensor(self.pil, self.size)
+        backend.original_size = self.pil.size  # SDXL's size conditioning: the photo as it was
+        os.makedirs(self.workdir, exist_ok=True)
+        self.progress = progress
+        self.checkpoint_every = checkpoint_every
+        self.t0 = time.time()
+        self.latents = backend.encode_image(self.pixels)
+        self._unet: Stage | None = None
+        self._text: dict[float, Stage] = {}
+
+    def _settings(self, steps: int, rank: int | None) -> TrainSettings:
+        p = self.params
+        return TrainSettings(steps, p.learning_rate, rank, p.train_seed, max_grad_norm=p.max_grad_norm)
+
+    def unet_stage(self) -> Stage:
+        """U: the given file, the one in the work folder made with the same settings, or trained."""
+        if self._unet is not None:
+            return self._unet
+        p, backend = self.params, self.backend
+        if p.unet_lora:
+            with open(p.unet_lora, "rb") as f:
+                key = _key(given=hashlib.sha256(f.read()).hexdigest())
+            self._unet = Stage(_given_lora(p.unet_lora, backend, "UNet LoRA"), p.unet_lora, key, [], True)
+            return self._unet
+        settings = self._settings(p.unet_steps, p.unet_rank)
+        key = _key(image=hashlib.sha256(self.pixels.numpy().tobytes()).hexdigest(), size=self.size,
+                   source=p.source_prompt, model=backend.fingerprint(), settings=dataclasses.asdict(settings),
+                   dtype=p.dtype)
+        path = os.path.join(self.workdir, f"unet_lora-{key[:12]}.safetensors")
+        lora, losses, reused = _cached_stage(
+            "UNet LoRA (Abduction-1)", path, key,
+            lambda resume, save, cb: abduct_unet_lora(
+                backend, self.latents, p.source_prompt, settings, progress=cb, resume=resume, save_state=save,
+                checkpoint_every=self.checkpoint_every),
+            self.progress,
+        )
+        self._unet = Stage(lora, path, key, losses, reused)
+        return self._unet
+
+    def text_stage(self, eta: float) -> Stage:
+        """Delta for `eta`: the given file, the one in the work folder, or trained through U."""
+        if eta in self._text:
+            return self._text[eta]
+        p, backend = self.params, self.backend
+        if p.text_lora:
+            stage = Stage(_given_lora(p.text_lora, backend, "text-encoder LoRA"), p.text_lora, "", [], True)
+        else:
+            unet = self.unet_stage()
+            settings = self._settings(p.text_steps, p.text_rank)
+            key = _key(unet=unet.key, target=p.target_prompt, eta=eta, settings=dataclasses.asdict(settings))
+            path = os.path.join(self.workdir, f"text_lora-{key[:12]}.safetensors")
+            lora, losses, reused = _cached_stage(
+                "text-encoder LoRA (Abduction-2)", path, key,
+                lambda resume, save, cb: abduct_text_lora(
+                    backend, self.latents, p.target_prompt, unet.lora, settings, eta=eta, progress=cb,
+                    resume=resume, save_state=save, checkpoint_every=self.checkpoint_every),
+                self.progress,
+            )
+            stage = Stage(lora, path, key, losses, reused)
+        self._text[eta] = stage
+        return stage
+
+    def sample(self, eta: float, beta: float, label: str = "counterfactual sampling") -> list:
+        """The batch's images (PIL) for (eta, beta); candidate i uses seed + i whatever the cell."""
+        p = self.params
+        unet, text = self.unet_stage(), self.text_stage(eta)
+        images = counterfactual_sample(
+            self.backend, p.target_prompt, unet.lora, text.lora, self.size, eta=eta, beta=beta,
+            negative_prompt=p.negative_prompt, steps=p.sample_steps, cfg=p.cfg, seed=p.seed,
+            batch_size=p.batch_size, progress=self.progress(label) if self.progress else None,
+        )
+        return tensor_to_images(images.cpu())  # one cell's images at a time on the device
+
+
 def edit(
     image,
     params: EditParams,
@@ -197,65 +302,12 @@ def edit(
     `backend` defaults to a `DiffusersBackend` of `params.model`. The edited image(s) go to
     `workdir/edit.png` (edit_0.png ... for several) and, if given, to `out` as well.
     """
-    params.check()
-    pil = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
-    workdir = os.fspath(workdir)
-    if backend is None:
-        from .diffusers_backend import DiffusersBackend
-
-        backend = DiffusersBackend.from_model(params.model, params.device, params.dtype)
-    size = fit_size(*pil.size, params.resolution or backend.native_side, 8)
-    pixels = image_to_tensor(pil, size)
-    backend.original_size = pil.size  # SDXL's size conditioning: the photo as it was
-    os.makedirs(workdir, exist_ok=True)
-    t0 = time.time()
-
-    unet_settings = TrainSettings(params.unet_steps, params.learning_rate, params.unet_rank, params.train_seed,
-                                  max_grad_norm=params.max_grad_norm)
-    text_settings = TrainSettings(params.text_steps, params.learning_rate, params.text_rank, params.train_seed,
-                                  max_grad_norm=params.max_grad_norm)
-    unet_key = _key(
-        image=hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), size=size, source=params.source_prompt,
-        model=backend.fingerprint(), settings=dataclasses.asdict(unet_settings), dtype=params.dtype,
-    )
-    unet_path = os.path.join(workdir, f"unet_lora-{unet_key[:12]}.safetensors")
-
-    latents = backend.encode_image(pixels)
-    if params.unet_lora:
-        unet_lora, unet_losses, reused_unet = _given_lora(params.unet_lora, backend, "UNet LoRA"), [], True
-        with open(params.unet_lora, "rb") as f:
-            unet_key = _key(given=hashlib.sha256(f.read()).hexdigest())
-        unet_path = params.unet_lora
-    else:
-        unet_lora, unet_losses, reused_unet = _cached_stage(
-            "UNet LoRA (Abduction-1)", unet_path, unet_key,
-            lambda resume, save, cb: abduct_unet_lora(
-                backend, latents, params.source_prompt, unet_settings, progress=cb, resume=resume, save_state=save,
-                checkpoint_every=checkpoint_every),
-            progress,
-        )
-    if params.text_lora:
-        text_lora, text_losses, reused_text = _given_lora(params.text_lora, backend, "text-encoder LoRA"), [], True
-        text_path = params.text_lora
-    else:
-        text_key = _key(unet=unet_key, target=params.target_prompt, eta=params.eta,
-                        settings=dataclasses.asdict(text_settings))
-        text_path = os.path.join(workdir, f"text_lora-{text_key[:12]}.safetensors")
-        text_lora, text_losses, reused_text = _cached_stage(
-            "text-encoder LoRA (Abduction-2)", text_path, text_key,
-            lambda resume, save, cb: abduct_text_lora(
-                backend, latents, params.target_prompt, unet_lora, text_settings, eta=params.eta, progress=cb,
-                resume=resume, save_state=save, checkpoint_every=checkpoint_every),
-            progress,
-        )
-    sample_progress = progress("counterfactual sampling") if progress else None
-    images = tensor_to_images(
-        counterfactual_sample(
-            backend, params.target_prompt, unet_lora, text_lora, size, eta=params.eta, beta=params.beta,
-            negative_prompt=params.negative_prompt, steps=params.sample_steps, cfg=params.cfg, seed=params.seed,
-            batch_size=params.batch_size, progress=sample_progress,
-        )
-    )
+    session = EditSession(image, params, workdir, backend, progress, checkpoint_every)
+    backend, pil, size, workdir, t0 = session.backend, session.pil, session.size, session.workdir, session.t0
+    unet, text = session.unet_stage(), session.text_stage(params.eta)
+    unet_path, unet_losses, reused_unet = unet.path, unet.losses, unet.reused
+    text_path, text_losses, reused_text = text.path, text.losses, text.reused
+    images = session.sample(params.eta, params.beta)
     record = {
         "dac_version": __version__,
         "params": dataclasses.asdict(params),

@@ -106,3 +106,43 @@ def wrap(draw, text: str, width: int) -> list[str]:
         else:
             lines[-1] = f"{lines[-1]} {word}".strip()
     return lines
+
+
+def labelled_grid(corner, corner_label: str, row_labels: list[str], column_labels: list[str], cells: list[list[list]],
+                  min_side: int = 128):
+    """A grid picture: `corner` (the source) top left, the column labels across the top row,
+    the row labels down the first column, and cells[row][column] (a list of images, shown
+    side by side) in between, enlarged without smoothing to at least `min_side` pixels high.
+    Returns (picture, boxes): boxes[(row, column)] = (left, top) of each cell's first image."""
+    from PIL import Image, ImageDraw
+
+    w, h = cells[0][0][0].size
+    k = max(len(images) for row in cells for images in row)
+    scale = max(1, math.ceil(min_side / h))
+    tw, th = w * scale, h * scale
+    cw, pad, text_h = tw * k, 6, 30
+    width = pad + (1 + len(column_labels)) * (cw + pad)
+    out = Image.new("RGB", (width, pad + (1 + len(row_labels)) * (th + text_h + pad)), "white")
+    draw = ImageDraw.Draw(out)
+
+    def label(x: int, y: int, text: str, width: int) -> None:
+        lines = wrap(draw, text, width)
+        draw.multiline_text((x, y), "\n".join(lines[:2]), fill="black", spacing=2)
+
+    def tile(img, x: int, y: int) -> None:
+        out.paste(img.convert("RGB").resize((tw, th), Image.NEAREST), (x, y))
+
+    tile(corner.convert("RGB").resize((w, h), Image.BICUBIC), pad, pad + text_h)
+    label(pad, pad, corner_label, cw)
+    for j, text in enumerate(column_labels):
+        label(pad + (1 + j) * (cw + pad), pad + text_h + th // 2, text, cw)
+    boxes = {}
+    for i, text in enumerate(row_labels):
+        y = pad + (1 + i) * (th + text_h + pad)
+        label(pad, y + text_h + th // 2, text, cw)
+        for j, images in enumerate(cells[i]):
+            x = pad + (1 + j) * (cw + pad)
+            boxes[(i, j)] = (x, y + text_h)
+            for n, img in enumerate(images):
+                tile(img, x + n * tw, y + text_h)
+    return out, boxes
