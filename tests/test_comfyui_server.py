@@ -4,8 +4,9 @@ Needs COMFYUI_PATH (a ComfyUI checkout whose requirements are installed in this 
 The pack is installed as ComfyUI-Manager installs it: a copy of the repository's files in
 custom_nodes/ (plus requirements.txt, which test_requirements.py checks against what the
 nodes import). Everything ComfyUI writes goes to a temporary --base-directory, so
-COMFYUI_PATH may be read-only. The checkpoint is built by tests/comfy_tiny.py: detected as
-SD 1.5, random weights.
+COMFYUI_PATH may be read-only. The checkpoints are built by tests/comfy_tiny.py, random
+weights: one detected as SD 1.5, and one as SDXL for the SDXL workflow (1.7 GB, its text
+encoders at full size; removed when the server stops).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from conftest import ROOT, tree_changes, tree_state
 COMFYUI = comfy_tiny.comfyui_path()
 pytestmark = comfy_tiny.NEEDS_COMFYUI
 CKPT = "dac_tiny_sd15.safetensors"
+SDXL_CKPT = "dac_tiny_sdxl.safetensors"
+# The SDXL workflow scales the photo to 1 megapixel; the tests to the node's least, 0.01
+# (10485 pixels: the 64x48 photo becomes 118x89, which the abductions cut to 112x88).
+SDXL_MEGAPIXELS = 0.01
 CONTROLNET = "dac_tiny_sd15_controlnet.safetensors"
 FAST = {"steps": 3, "rank": 4, "preview_every": 2}
+FAST_SDXL = {**FAST, "steps": 2}  # its text encoders are full size: each step of Abduction-2 takes seconds
 PACK = comfy_tiny.PACK_FOLDER
 
 
@@ -109,6 +115,7 @@ def server(tmp_path_factory):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     comfy_tiny.save_sd15_checkpoint(os.path.join(base, "models/checkpoints", CKPT))
     comfy_tiny.save_sd15_controlnet(os.path.join(base, "models/controlnet", CONTROLNET))
+    sdxl_ckpt = comfy_tiny.save_sdxl_checkpoint(os.path.join(base, "models/checkpoints", SDXL_CKPT))
     pack = comfy_tiny.copy_pack(os.path.join(base, "custom_nodes"))
     assert not os.path.islink(pack) and os.path.isfile(os.path.join(pack, "requirements.txt"))
     from dac_core.tiny import demo_image
@@ -118,6 +125,7 @@ def server(tmp_path_factory):
     srv = Server(base).start()
     yield srv
     srv.stop()
+    os.remove(sdxl_ckpt)  # 1.7 GB; pytest keeps the temporary folders of its last three runs
     log = open(srv.log_path).read()
     ours = [line for line in log.splitlines()
             if PACK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
@@ -131,17 +139,20 @@ def load_api(name: str) -> dict:
         return json.load(f)
 
 
-def fast(prompt: dict, **extra) -> dict:
-    """The workflow on the test checkpoint with few steps and a small rank."""
+def fast(prompt: dict, sdxl: bool = False, **extra) -> dict:
+    """The workflow on the test checkpoint (SDXL_CKPT where `sdxl`, the photo scaled to
+    SDXL_MEGAPIXELS, FAST_SDXL) with few steps and a small rank."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = CKPT
+            inputs["ckpt_name"] = SDXL_CKPT if sdxl else CKPT
+        if node["class_type"] == "ImageScaleToTotalPixels" and sdxl:
+            inputs["megapixels"] = SDXL_MEGAPIXELS
         if node["class_type"] == "ControlNetLoader":
             inputs["control_net_name"] = CONTROLNET
         if node["class_type"].startswith("DAC") or node["class_type"] == "KSampler":
-            for k, v in FAST.items():
+            for k, v in (FAST_SDXL if sdxl else FAST).items():
                 if k in inputs:
                     inputs[k] = v
     for node_id, changes in extra.items():
@@ -166,7 +177,7 @@ def test_pack_loads_with_every_node(server):
         assert [i.name for i in node.inputs] == list(declared)
     templates = server.get("/workflow_templates")
     assert sorted(templates[PACK]) == ["dac_basic_edit", "dac_controlnet_edit", "dac_edit_then_upscale",
-                                             "dac_save_and_share"]
+                                       "dac_save_and_share", "dac_sdxl_edit"]
 
 
 def test_basic_edit_workflow_and_cache(server):
@@ -198,6 +209,33 @@ def test_workflow_runs(server, name, size):
     assert len(saved) == 1
     with Image.open(os.path.join(server.base, "output", saved[0]["subfolder"], saved[0]["filename"])) as img:
         assert img.size == size
+
+
+def test_sdxl_edit_workflow(server):
+    """The SDXL workflow as shipped (bf16, gradient checkpointing) on the tiny SDXL checkpoint,
+    plus a Save DAC LoRA of its two LoRAs: the text-encoder LoRA has layers on both of SDXL's
+    text encoders, so the abductions and the sample ran on SDXL."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    prompt = fast(load_api("dac_sdxl_edit.json"), sdxl=True)
+    ids = {node["class_type"]: nid for nid, node in prompt.items()}
+    assert prompt[ids["DACAbductUNetLoRA"]]["inputs"]["training_dtype"] == "bf16"
+    assert prompt[ids["DACAbductUNetLoRA"]]["inputs"]["gradient_checkpointing"] is True
+    prompt["99"] = {"class_type": "DACSaveLoRA", "inputs": {
+        "unet_lora": [ids["DACAbductUNetLoRA"], 0], "text_lora": [ids["DACAbductTextLoRA"], 0],
+        "filename_prefix": "dac/sdxl_test"}}
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [img for img in images_of(entry) if img["type"] == "output"]
+    assert len(saved) == 1 and saved[0]["subfolder"] == "dac"
+    with Image.open(os.path.join(server.base, "output", saved[0]["subfolder"], saved[0]["filename"])) as img:
+        assert img.size == (112, 88)  # the photo at 0.01 megapixels, cut to multiples of 8
+    assert entry["outputs"][ids["LossGraphNode"]]["images"]  # Abduction-1's loss, plotted
+    with safe_open(os.path.join(server.base, "models/loras/dac/sdxl_test_00001_.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    prefixes = {k.split("_")[0] + "_" + k.split("_")[1] + "_" for k in keys}
+    assert prefixes == {"lora_unet_", "lora_te1_", "lora_te2_"}, prefixes
 
 
 def test_save_and_share_workflow(server):

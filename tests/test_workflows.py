@@ -12,7 +12,7 @@ from tools import workflows as wt
 
 UI_PATHS = wt.ui_workflow_paths()
 EXPECTED_WORKFLOWS = {"dac_basic_edit.json", "dac_controlnet_edit.json", "dac_edit_then_upscale.json",
-                      "dac_save_and_share.json"}
+                      "dac_save_and_share.json", "dac_sdxl_edit.json"}
 
 
 def _load(path):
@@ -22,6 +22,18 @@ def _load(path):
 
 def _ids(paths):
     return [os.path.basename(p) for p in paths]
+
+
+def _settings(spec, name):
+    """Where a workflow departs from the node defaults on purpose: (node type, input) -> value.
+    SDXL: the UNet rank is SDXL's default (the node's default is SD 1.x / 2.x's, 512), and bf16
+    with gradient checkpointing, so that the abductions fit a 24 GB GPU."""
+    if name == "dac_sdxl_edit.json":
+        return {("DACAbductUNetLoRA", "rank"): spec.P.UNET_RANK_DEFAULTS["sdxl"],
+                ("DACAbductUNetLoRA", "training_dtype"): "bf16",
+                ("DACAbductUNetLoRA", "gradient_checkpointing"): True,
+                ("DACAbductTextLoRA", "training_dtype"): "bf16"}
+    return {}
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +83,11 @@ def test_every_node_type_is_ours_or_a_listed_core_node(path, spec):
 
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
 def test_our_widgets_hold_spec_defaults_and_fixed_seed_controls(path, spec):
-    """Prompts and file names aside, our nodes carry the spec's defaults; seeds are 'fixed' (a
-    re-queue must not retrain the abductions)."""
+    """Prompts and file names aside, our nodes carry the spec's defaults (or the workflow's
+    _settings); seeds are 'fixed' (a re-queue must not retrain the abductions)."""
     free = {"source_prompt", "target_prompt", "negative_prompt", "lora_name"}
+    settings = _settings(spec, os.path.basename(path))
+    seen = set()
     for node in _load(path)["nodes"]:
         if node["type"] not in spec.BY_ID:
             continue
@@ -82,10 +96,14 @@ def test_our_widgets_hold_spec_defaults_and_fixed_seed_controls(path, spec):
             if not i.is_widget:
                 continue
             value = next(values)
-            if i.name not in free:
+            if (node["type"], i.name) in settings:
+                seen.add((node["type"], i.name))
+                assert value == settings[node["type"], i.name] != i.default, (node["id"], i.name)
+            elif i.name not in free:
                 assert value == i.default, (node["id"], i.name)
             if i.control_after_generate:
                 assert next(values) == "fixed", (node["id"], i.name)
+    assert seen == set(settings)
 
 
 def test_workflow_contents():
@@ -118,6 +136,18 @@ def test_workflow_contents():
     assert len(lora) == 1 and lora[0]["widgets_values"][1:] == [1.0, -1.0]
     for t in ("DACSaveLoRA", "DACLoadLoRA", "DACCounterfactualSample", "Note"):
         assert t in [n["type"] for n in share["nodes"]]
+    # SDXL: the basic edit on an SDXL checkpoint, the photo scaled to SDXL's ~1 megapixel
+    # (aspect ratio kept) before both abductions
+    sdxl = types("dac_sdxl_edit.json")
+    for t in basic + ["ImageScaleToTotalPixels", "Note"]:
+        assert t in sdxl
+    api = _api("dac_sdxl_edit.json")
+    ids = _ids_by_type(api)
+    assert "xl" in api[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"]
+    scale = api[ids["ImageScaleToTotalPixels"]]["inputs"]
+    assert scale["megapixels"] == 1.0 and scale["image"] == [ids["LoadImage"], 0]
+    for t in ("DACAbductUNetLoRA", "DACAbductTextLoRA"):
+        assert api[ids[t]]["inputs"]["image"] == [ids["ImageScaleToTotalPixels"], 0]
 
 
 def _api(name):

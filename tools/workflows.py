@@ -1,8 +1,8 @@
 """Check and convert the example workflows without ComfyUI.
 
 - `CORE_NODES`: the ComfyUI core nodes the example workflows use, read off ComfyUI 0.3.64
-  (nodes.py, comfy_extras/nodes_canny.py, comfy_extras/nodes_images.py, comfy_extras/nodes_train.py)
-  plus the frontend's Note.
+  (nodes.py, comfy_extras/nodes_canny.py, comfy_extras/nodes_images.py, comfy_extras/nodes_train.py,
+  comfy_extras/nodes_post_processing.py) plus the frontend's Note.
 - `validate_workflow(ui)`: a list of problems of a UI-format workflow (empty when it is fine):
   unknown node types, links whose types disagree, unlinked required inputs, wrong widget counts.
 - `photo_latent_problems(prompt)`: the samplers of an API-format prompt that denoise fully (KSampler at
@@ -112,6 +112,10 @@ CORE_NODES: dict[str, dict] = {
     "GetImageSize": {  # comfy_extras/nodes_images.py; its hidden unique_id is no UI input
         "inputs": [("image", "IMAGE", False)],
         "outputs": ["INT", "INT", "INT"],  # width, height, batch_size
+    },
+    "ImageScaleToTotalPixels": {  # comfy_extras/nodes_post_processing.py
+        "inputs": [("image", "IMAGE", False), ("upscale_method", "COMBO", True), ("megapixels", "FLOAT", True)],
+        "outputs": ["IMAGE"],
     },
     "EmptyLatentImage": {
         "inputs": [("width", "INT", True), ("height", "INT", True), ("batch_size", "INT", True)],
