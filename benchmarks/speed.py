@@ -132,7 +132,8 @@ def child(size: str, stage: str, variant: str, steps: int, device: str, dtype: s
                                     progress=progress)
     elif stage == "abduction2":
         if variant == "bare":
-            weights = [backend.text_encoder.get_submodule(n).weight for n in backend._targets(TEXT_DELTA).values()]
+            text = backend._model_of(TEXT_DELTA)  # the text encoder(s), by kohya prefix
+            weights = [text.get_submodule(n).weight for n in backend._targets(TEXT_DELTA).values()]
             _bare_fit(backend, weights, latents, lambda: backend.encode_prompts([PROMPT]), total, progress)
         else:
             stages.abduct_text_lora(backend, latents, PROMPT, u, stages.TrainSettings(total, rank=TEXT_RANK),

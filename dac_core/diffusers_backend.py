@@ -189,8 +189,10 @@ def _replace(model: torch.nn.Module, module_name: str, module: torch.nn.Module) 
 
 class DiffusersBackend(DACBackend):
     def __init__(self, pipe, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
-                 exact_reference: bool = False):
-        """exact_reference: compute as the reference scripts, op for op (slower; for comparisons)."""
+                 exact_reference: bool = False, gradient_checkpointing: bool = False):
+        """exact_reference: compute as the reference scripts, op for op (slower; for comparisons).
+        gradient_checkpointing: the UNet's blocks recompute their activations in the backward
+        pass (less memory in both abductions, about a third more time)."""
         from diffusers import DDPMScheduler
 
         self.lora_path = "activation" if exact_reference else "auto"
@@ -221,6 +223,8 @@ class DiffusersBackend(DACBackend):
             if m.device != self.device or m.dtype != dtype:
                 m.to(self.device, dtype)
             m.eval()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         schedule = {k: v for k, v in pipe.scheduler.config.items() if k in DDPMScheduler._get_init_keys(DDPMScheduler)}
         self.train_scheduler = DDPMScheduler.from_config(schedule)
         self.scheduler = pipe.scheduler
@@ -235,10 +239,10 @@ class DiffusersBackend(DACBackend):
 
     @classmethod
     def from_model(cls, model: str, device: str | None = "cpu", dtype: str | None = None,
-                   exact_reference: bool = False) -> DiffusersBackend:
+                   exact_reference: bool = False, gradient_checkpointing: bool = False) -> DiffusersBackend:
         dt = resolve_dtype(dtype)
         dev = resolve_device(device)
-        return cls(load_pipeline(model, dt), dev, dt, exact_reference)
+        return cls(load_pipeline(model, dt), dev, dt, exact_reference, gradient_checkpointing)
 
     # --- images and prompts -------------------------------------------------------------
     @torch.no_grad()

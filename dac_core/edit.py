@@ -61,6 +61,7 @@ class EditParams:
     text_lora: str | None = None  # likewise for Abduction-2
     device: str = "auto"
     dtype: str = "float32"
+    gradient_checkpointing: bool = False  # less activation memory in training, more time
 
     def check(self) -> EditParams:
         """Every parameter against `dac_core.params` (DACError naming the first bad one)."""
@@ -211,7 +212,8 @@ class EditSession:
         if backend is None:
             from .diffusers_backend import DiffusersBackend
 
-            backend = DiffusersBackend.from_model(params.model, params.device, params.dtype)
+            backend = DiffusersBackend.from_model(params.model, params.device, params.dtype,
+                                                  gradient_checkpointing=params.gradient_checkpointing)
         self.backend = backend
         self.size = fit_size(*self.pil.size, params.resolution or backend.native_side, 8)
         self.pixels = image_to_tensor(self.pil, self.size)

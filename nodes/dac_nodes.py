@@ -155,8 +155,8 @@ class AbductTextLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, target_prompt, unet_lora, eta, steps, learning_rate, rank, seed,
-                training_dtype, max_grad_norm=0.0, extra_text_lora=None) -> io.NodeOutput:
-        backend = ComfyBackend(model, clip, vae, training_dtype)
+                training_dtype, max_grad_norm=0.0, gradient_checkpointing=False, extra_text_lora=None) -> io.NodeOutput:
+        backend = ComfyBackend(model, clip, vae, training_dtype, gradient_checkpointing)
         settings = stages.TrainSettings(steps, learning_rate, rank, seed, max_grad_norm=max_grad_norm)
 
         def run():

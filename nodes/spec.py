@@ -129,7 +129,7 @@ ABDUCT_TEXT = Node(
         _param(P.TEXT_STEPS, "Training steps (paper: 1000).", "steps"),
         _LR,
         _param(P.TEXT_RANK, "LoRA rank of the text encoder (paper: 4).", "rank"),
-        _SEED_TRAIN, _DTYPE, _CLIP_NORM, _EXTRA,
+        _SEED_TRAIN, _DTYPE, _CLIP_NORM, _CHECKPOINTING, _EXTRA,
     ),
     (Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta."), _LOSS),
 )

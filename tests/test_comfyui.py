@@ -254,6 +254,12 @@ def test_gradient_checkpointing_gives_the_same_training(pack, parts, image):
         plain = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 6, 1e-3, 4, 3, "fp32", False, 0).args[2]
         ckpt = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 6, 1e-3, 4, 3, "fp32", True, 0).args[2]
     assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    u = pack.AbductUNetLoRA.execute(model, clip, vae, image, "a", 2, 1e-3, 4, 3, "fp32", False, 0).args[0]
+    with torch.inference_mode():  # Abduction-2 back-propagates through the UNet too
+        plain = pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", u, 0.8, 4, 1e-3, 4, 3, "fp32").args[1]
+        ckpt = pack.AbductTextLoRA.execute(model, clip, vae, image, "a b", u, 0.8, 4, 1e-3, 4, 3, "fp32", 0.0,
+                                           True).args[1]
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     for m in model.model.modules():  # the object patches were undone: every forward is the class's own again
         assert getattr(m.forward, "__func__", None) is type(m).forward
 

@@ -382,3 +382,22 @@ def test_empty_prompt_and_long_prompt(make_backend, latents, caplog):
     assert record.args[0] == "source prompt"
     cut = record.args[1].replace(" ", "")
     assert cut and long.replace(" ", "").endswith(cut)
+
+
+@pytest.mark.parametrize("flavour", ["sd1", "sdxl"])
+def test_gradient_checkpointing_trains_the_same(latents, flavour):
+    """The UNet's blocks recomputed in the backward pass: the same losses and LoRAs, both stages."""
+    from dac_core.diffusers_backend import DiffusersBackend
+
+    results = []
+    for checkpointing in (False, True):
+        be = DiffusersBackend(tiny_pipeline(flavour), gradient_checkpointing=checkpointing)
+        lat = be.encode_image(latents)
+        u = stages.abduct_unet_lora(be, lat, "a", TrainSettings(steps=4, learning_rate=1e-3, rank=4))
+        d = stages.abduct_text_lora(be, lat, "a b", u.lora, TrainSettings(steps=4, learning_rate=1e-3))
+        results.append((u, d))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in be.unet.modules())
+    for plain, checkpointed in zip(*results):
+        assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+        for stem, layer in plain.lora.layers.items():
+            assert torch.allclose(checkpointed.lora.layers[stem].up, layer.up, atol=1e-6), stem

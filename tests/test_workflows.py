@@ -32,7 +32,8 @@ def _settings(spec, name):
         return {("DACAbductUNetLoRA", "rank"): spec.P.UNET_RANK_DEFAULTS["sdxl"],
                 ("DACAbductUNetLoRA", "training_dtype"): "bf16",
                 ("DACAbductUNetLoRA", "gradient_checkpointing"): True,
-                ("DACAbductTextLoRA", "training_dtype"): "bf16"}
+                ("DACAbductTextLoRA", "training_dtype"): "bf16",
+                ("DACAbductTextLoRA", "gradient_checkpointing"): True}
     return {}
 
 
