@@ -91,9 +91,9 @@ def _checkpoint_architecture(path: str) -> str:
     else:
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise DACError(f"model file {path!r} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-        keys = set(sd.get("state_dict", sd))
+            keys = set(sd.get("state_dict", sd))
+        except Exception:  # an old pickle that holds more than tensors: diffusers' loader decides
+            return "sd"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.") for k in keys) and any(

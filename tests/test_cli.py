@@ -284,3 +284,20 @@ def test_a_refiner_or_inpainting_pipeline_is_named(tiny_model_dirs):
         inpaint.unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9})
     with pytest.raises(DACError, match="takes class labels or extra input channels"):
         DiffusersBackend(inpaint)
+
+
+def test_single_file_checkpoints_are_told_apart_by_their_keys(tmp_path, tiny_model_dirs):
+    import torch
+    from safetensors.torch import save_file
+
+    from dac_core.diffusers_backend import model_architecture
+
+    z = torch.zeros(1)
+    cases = {"sdxl": {"conditioner.embedders.1.model.ln_final.weight": z,
+                      "model.diffusion_model.input_blocks.0.0.weight": z},
+             "sd": {"cond_stage_model.transformer.text_model.final_layer_norm.weight": z,
+                    "model.diffusion_model.input_blocks.0.0.weight": z}}
+    for expected, keys in cases.items():
+        save_file(keys, tmp_path / f"{expected}.safetensors")
+        assert model_architecture(str(tmp_path / f"{expected}.safetensors")) == expected
+    assert model_architecture(tiny_model_dirs["sdxl"]) == "sdxl" and model_architecture(tiny_model_dirs["sd2"]) == "sd"
