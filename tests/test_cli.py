@@ -298,6 +298,6 @@ def test_single_file_checkpoints_are_told_apart_by_their_keys(tmp_path, tiny_mod
              "sd": {"cond_stage_model.transformer.text_model.final_layer_norm.weight": z,
                     "model.diffusion_model.input_blocks.0.0.weight": z}}
     for expected, keys in cases.items():
-        save_file(keys, tmp_path / f"{expected}.safetensors")
+        save_file({k: v.clone() for k, v in keys.items()}, tmp_path / f"{expected}.safetensors")
         assert model_architecture(str(tmp_path / f"{expected}.safetensors")) == expected
     assert model_architecture(tiny_model_dirs["sdxl"]) == "sdxl" and model_architecture(tiny_model_dirs["sd2"]) == "sd"
