@@ -57,7 +57,7 @@ def _type(param: P.Param):
 def _list_type(param: P.Param):
     """argparse type of a parameter a sweep may list: "0.6" or "0, 0.5, 1", each in range."""
     from .errors import DACError
-    from .sweep import parse_values
+    from .params import parse_values
 
     def parse(text: str):
         try:

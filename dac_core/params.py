@@ -122,6 +122,38 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     MAX_GRAD_NORM, TRAIN_BATCH_SIZE, TRAIN_SEED, ETA, BETA, SAMPLE_STEPS, CFG, SEED, BATCH_SIZE, RESOLUTION)}
 
 
+def parse_values(text: str, param: Param, label: str | None = None) -> list[float]:
+    """"0, 0.5, 1" -> [0.0, 0.5, 1.0]: one or more numbers separated by commas, each checked
+    against `param`; a DACError naming `label` (the parameter's name by default) otherwise."""
+    label = param.name if label is None else label
+    want = f"one or more numbers separated by commas, each {param.valid().split(' ', 2)[-1]}"
+    parts = [part.strip() for part in str(text).split(",")]
+    if not any(parts):
+        raise DACError(f"{label} is empty: give {want}".strip())
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = None
+        problem = f"must be {param.valid()}, got {part!r}" if value is None else param.problem(value)
+        if problem:  # one value: the parameter's own message; in a list: which one, in what
+            raise DACError(f"{label} {problem if len(parts) == 1 else f'must be {want}, got {part!r} in {text!r}'}"
+                           .strip())
+        values.append(value)
+    return values
+
+
+def check_values(values, param: Param) -> list[float]:
+    """A list of settings for `param`: not empty, each valid, duplicates dropped (order kept)."""
+    values = list(values)
+    if not values:
+        raise DACError(f"the list of {param.name} values is empty: give one or more")
+    for value in values:
+        param.check(value, f"every {param.name} value")
+    return list(dict.fromkeys(float(v) for v in values))
+
+
 def unet_rank(value: int | None, architecture: str) -> int:
     """The UNet LoRA rank to train: `value`, or the architecture's default when None."""
     return UNET_RANK_DEFAULTS[architecture] if value is None else value

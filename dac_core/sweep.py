@@ -22,9 +22,9 @@ from . import __version__
 from . import params as P
 from .backend import DACBackend
 from .edit import EditParams, EditSession, ProgressFactory
-from .errors import DACError
 from .files import atomic_path, write_json
 from .image import labelled_grid
+from .params import check_values, parse_values  # noqa: F401  (parse_values re-exported: its first home)
 
 
 @dataclass
@@ -45,38 +45,6 @@ class SweepResult:
     unet_lora_path: str
     text_lora_paths: dict[float, str]
     grid_boxes: dict[tuple[int, int], tuple[int, int]]  # (eta index, beta index) -> the cell's (left, top)
-
-
-def parse_values(text: str, param: P.Param, label: str | None = None) -> list[float]:
-    """"0, 0.5, 1" -> [0.0, 0.5, 1.0]: one or more numbers separated by commas, each checked
-    against `param`; a DACError naming `label` (the parameter's name by default) otherwise."""
-    label = param.name if label is None else label
-    want = f"one or more numbers separated by commas, each {param.valid().split(' ', 2)[-1]}"
-    parts = [part.strip() for part in str(text).split(",")]
-    if not any(parts):
-        raise DACError(f"{label} is empty: give {want}".strip())
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            value = None
-        problem = f"must be {param.valid()}, got {part!r}" if value is None else param.problem(value)
-        if problem:  # one value: the parameter's own message; in a list: which one, in what
-            raise DACError(f"{label} {problem if len(parts) == 1 else f'must be {want}, got {part!r} in {text!r}'}"
-                           .strip())
-        values.append(value)
-    return values
-
-
-def check_values(values, param: P.Param) -> list[float]:
-    """A list of settings for `param`: not empty, each valid, duplicates dropped (order kept)."""
-    values = list(values)
-    if not values:
-        raise DACError(f"the list of {param.name} values is empty: give one or more")
-    for value in values:
-        param.check(value, f"every {param.name} value")
-    return list(dict.fromkeys(float(v) for v in values))
 
 
 def _name(eta: float, beta: float, seed: int) -> str:

@@ -177,6 +177,7 @@ class ComfyBackend(DACBackend):
         self.negative_extras = dict(negative_extras or {})
         self.strengths = {UNET: Strength(), TEXT_DELTA: Strength(), TEXT_EXTRA: Strength()}
         self.wrappers: dict[str, dict[str, LoRAWrapper]] = {}
+        self._frozen: dict[str, LoRA] = {}  # the LoRA object each frozen attachment was made from
         self._prepared: set[int] = set()  # ids of the patchers made trainable-through
         self._unet_keys = _existing(self.model.model, internals.unet_lora_keys(self.model), is_unet_target)
         # Text-encoder layers a LoRA may patch, and the subset a new LoRA trains (those that
@@ -263,6 +264,9 @@ class ComfyBackend(DACBackend):
         return self._shapes(patcher, keys if name == UNET else self._clip_trained_keys)
 
     def attach_lora(self, name, lora, trainable=False):
+        if not trainable and name in self.wrappers and self._frozen.get(name) is lora:
+            self.strengths[name].value = 1.0  # already attached, frozen (DAC Sweep's cells share U and Delta)
+            return []
         self.detach_lora(name)
         patcher, keys = self._patcher_keys(name)
         layers = fitting_part(lora, name == UNET, self._shapes(patcher, keys)).layers
@@ -274,7 +278,9 @@ class ComfyBackend(DACBackend):
             patcher.add_weight_wrapper(keys[stem], w)
             wrappers[keys[stem]] = w
         self.wrappers[name] = wrappers
-        if trainable:
+        if not trainable:
+            self._frozen[name] = lora
+        else:
             self.model.set_model_compute_dtype(self.training_dtype)  # whatever the checkpoint's storage dtype
             for p in (self.model, self.clip.patcher if self.clip is not None else None):
                 if p is not None:
@@ -297,6 +303,7 @@ class ComfyBackend(DACBackend):
         self._prepared.add(id(patcher))
 
     def detach_lora(self, name):
+        self._frozen.pop(name, None)
         wrappers = self.wrappers.pop(name, None)
         if not wrappers:
             return

@@ -13,12 +13,15 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import numpy as np
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
+from ..dac_core import params as P
 from ..dac_core import stages
 from ..dac_core.errors import DACError
+from ..dac_core.image import labelled_grid
 from ..dac_core.lora import LoRA, combine, load_lora, save_lora, split
 from . import spec
 from .comfy_backend import ComfyBackend, apply_loras, release
@@ -62,7 +65,7 @@ def schema(node: spec.Node) -> io.Schema:
         node_id=node.id, display_name=node.display_name, category=spec.CATEGORY, description=node.description,
         inputs=[_input(node, i) for i in node.inputs],
         outputs=[_SOCKETS[o.type].Output(display_name=o.name, tooltip=o.tooltip) for o in node.outputs],
-        is_output_node=node.output_node,
+        is_output_node=node.output_node, is_input_list=node.input_is_list,
     )
 
 
@@ -205,6 +208,112 @@ class CounterfactualSample(io.ComfyNode):
         return io.NodeOutput({"samples": backend.latent_format.process_out(latents).cpu()})
 
 
+def _one(value, name: str):
+    """A node with list inputs gets every input as a list: the one value of a scalar input."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1:
+        raise DACError(f"the {name} input holds {len(value)} values; DAC Sweep takes one"
+                       + (" (several betas go in one text: '0, 0.5, 1')" if name == "betas" else ""))
+    return value[0]
+
+
+def _pictures(images: torch.Tensor) -> list:
+    """IMAGE [B, H, W, C] in 0..1 -> PIL RGB images (8 bits, rounded)."""
+    from PIL import Image
+
+    arr = (images[..., :3].float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def _sweep_rows(text_loras: list, target_prompt: str, eta: float) -> list[tuple[float, LoRA, str]]:
+    """(eta, Delta, target prompt) per grid row: each Delta at the eta it was fitted with
+    (`dac.eta`, written by Abduction-2), `eta` for one that does not record it."""
+    if not text_loras or any(lora is None for lora in text_loras):
+        raise DACError("the text_lora input holds no text-encoder LoRA")
+    rows = []
+    for i, lora in enumerate(text_loras):
+        what = "text_lora" if len(text_loras) == 1 else f"text_lora #{i + 1}"
+        row_eta = eta
+        if lora.metadata.get("dac.eta"):
+            try:
+                row_eta = float(lora.metadata["dac.eta"])
+            except ValueError:
+                row_eta = None
+            P.ETA.check(row_eta, f"the eta {what} was fitted with (dac.eta)")
+        prompt = target_prompt if target_prompt.strip() else lora.metadata.get("dac.prompt", "")
+        rows.append((row_eta, _named(lora, what), prompt))
+    return rows
+
+
+def _sweep_size(unet_lora: LoRA, source) -> tuple[int, int]:
+    """(width, height) of the cells: the source size U records, else the source photo's."""
+    try:
+        return int(unet_lora.metadata["dac.width"]), int(unet_lora.metadata["dac.height"])
+    except (KeyError, ValueError):
+        if source is None:
+            raise DACError("the UNet LoRA does not record the source size: connect the source photo to the "
+                           "source input") from None
+        return source.shape[2] // 8 * 8, source.shape[1] // 8 * 8
+
+
+def _sweep(text_loras: list, model, clip, vae, unet_lora, target_prompt, negative_prompt, betas, eta, seed, steps,
+           cfg, sampler_name, scheduler, batch_size, source=None) -> tuple[dict, torch.Tensor]:
+    """DAC Sweep: (LATENT of every cell, grid IMAGE). Each cell is Counterfactual Sample's
+    latents (dac_core.stages.counterfactual_sample) on one backend: U and each Delta are
+    attached once, and a cell's batch leaves the device as soon as it is sampled."""
+    beta_values = P.check_values(P.parse_values(betas, P.BETA, "betas"), P.BETA)
+    rows = _sweep_rows(text_loras, target_prompt, eta)
+    size = _sweep_size(unet_lora, source)
+    unet = _named(unet_lora, "unet_lora")
+    bar = comfy.utils.ProgressBar(len(rows) * len(beta_values) * steps)
+    backend = ComfyBackend(model, clip, None, sampler_name=sampler_name, scheduler=scheduler)
+    latents = []  # per cell, on the CPU
+    with _released(backend):
+        for r, (row_eta, delta, prompt) in enumerate(rows):
+            for c, beta in enumerate(beta_values):
+                comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between cells
+                done = (r * len(beta_values) + c) * steps
+
+                def progress(step, total=None, loss=None, done=done):
+                    comfy.model_management.throw_exception_if_processing_interrupted()  # ... and within one
+                    bar.update_absolute(done + (round(step * steps / total) if total else step))
+
+                cell = stages.counterfactual_sample(
+                    backend, prompt, unet, delta, size, eta=row_eta, beta=beta, negative_prompt=negative_prompt,
+                    steps=steps, cfg=cfg, seed=seed, batch_size=batch_size, progress=progress, decode=False)
+                latents.append(backend.latent_format.process_out(cell).cpu())
+                del cell
+    pictures = [_pictures(vae.decode(cell)) for cell in latents]  # once the DAC clones are unloaded
+    if source is not None:
+        corner = _pictures(source[:1])[0]
+        corner_label = f"source: {unet_lora.metadata.get('dac.prompt', '')}".removesuffix(": ")
+    else:
+        from PIL import Image
+
+        corner, corner_label = Image.new("RGB", pictures[0][0].size, "white"), ""
+    n = len(beta_values)
+    grid, _ = labelled_grid(corner, corner_label, [f"eta = {e:g}" for e, _, _ in rows],
+                            [f"beta = {b:g}" for b in beta_values],
+                            [pictures[r * n:(r + 1) * n] for r in range(len(rows))])
+    return {"samples": torch.cat(latents)}, torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+
+
+class DACSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(spec.SWEEP)
+
+    @classmethod
+    def execute(cls, model, clip, vae, unet_lora, text_lora, target_prompt, negative_prompt, betas, eta, seed, steps,
+                cfg, sampler_name, scheduler, batch_size, source=None) -> io.NodeOutput:
+        # ComfyUI hands a node with a list input every input as a list: one value each, text_lora one per row
+        given = dict(locals())
+        text_loras = text_lora if isinstance(text_lora, list) else [text_lora]
+        inputs = {name: _one(value, name) for name, value in given.items() if name not in ("cls", "text_lora")}
+        return io.NodeOutput(*_sweep(text_loras, **inputs))
+
+
 class ApplyDACLoRAs(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -245,7 +354,8 @@ class LoadDACLoRA(io.ComfyNode):
         return io.NodeOutput(unet if len(unet) else None, text if len(text) else None)
 
 
-NODE_CLASSES = [AbductUNetLoRA, AbductTextLoRA, CounterfactualSample, ApplyDACLoRAs, SaveDACLoRA, LoadDACLoRA]
+NODE_CLASSES = [AbductUNetLoRA, AbductTextLoRA, CounterfactualSample, DACSweep, ApplyDACLoRAs, SaveDACLoRA,
+                LoadDACLoRA]
 
 
 class DACExtension(ComfyExtension):

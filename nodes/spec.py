@@ -31,6 +31,7 @@ class In:
     multiline: bool = False
     options: tuple | None = None  # COMBO choices; None: filled from ComfyUI
     control_after_generate: bool = False
+    is_list: bool = False  # takes a list (ComfyUI then hands the node every input as a list)
 
     @property
     def is_widget(self) -> bool:
@@ -53,6 +54,11 @@ class Node:
     outputs: tuple[Out, ...]
     output_node: bool = False
     extra: dict = field(default_factory=dict)
+
+    @property
+    def input_is_list(self) -> bool:
+        """ComfyUI's list inputs are per node: every input comes as a list when one is a list."""
+        return any(i.is_list for i in self.inputs)
 
 
 def _param(param: P.Param, tooltip: str, name: str | None = None, **extra) -> In:
@@ -192,5 +198,44 @@ LOAD = Node(
     (Out("unet_lora", DAC_LORA, "The UNet LoRA U."), Out("text_lora", DAC_LORA, "The text-encoder LoRA Delta.")),
 )
 
-NODES: tuple[Node, ...] = (ABDUCT_UNET, ABDUCT_TEXT, COUNTERFACTUAL, APPLY, SAVE, LOAD)
+SWEEP = Node(
+    "DACSweep",
+    "DAC Sweep",
+    "Samples every (eta, beta) cell of a DAC edit without retraining: one row per text-encoder LoRA, at the eta "
+    "it was fitted with, one column per beta, every cell from the same seeds, so only the setting changes between "
+    "neighbours. Outputs every cell's latents and a labelled grid image.",
+    (
+        _MODEL, _CLIP,
+        In("vae", "VAE", "Decodes every cell's latents into the grid image."),
+        _UNET_LORA,
+        In("text_lora", DAC_LORA, "The text-encoder LoRA Delta, or a list of them, one per eta (e.g. Abduct "
+           "Text-Encoder LoRA run over a list of eta values): one grid row each, sampled at the eta it was fitted "
+           "with, since Abduction-2 depends on eta.", is_list=True),
+        _param(P.TARGET_PROMPT, "The target caption; leave empty to use the one each text-encoder LoRA was fitted "
+               "on.", multiline=True),
+        _param(P.NEGATIVE_PROMPT, "Negative prompt; it goes through the same -beta text encoder.", multiline=True),
+        In("betas", "STRING", f"Edit strengths, one grid column each: numbers separated by commas, each "
+           f"{P.BETA.valid().removeprefix('a number ')}. The text-encoder LoRA is applied at -beta: 0 leaves it "
+           "out, 1 is the default edit, above 1 exaggerates, -1 reconstructs the photo.", "0, 0.5, 1, 1.5"),
+        _param(P.ETA, "Annealing (the UNet LoRA's strength at pure noise) for a text-encoder LoRA that does not "
+               "record the eta it was fitted with; one from Abduct Text-Encoder LoRA is sampled at its own eta, "
+               "the one its row is labelled with."),
+        _param(P.SEED, "Sampling seed, the same in every cell (candidate i uses seed + i), so neighbouring cells "
+               "differ only in beta or eta.", control_after_generate=True),
+        _param(P.SAMPLE_STEPS, "Denoising steps of each cell.", "steps"),
+        _param(P.CFG, "Classifier-free guidance scale (reference: 4)."),
+        In("sampler_name", "COMBO", "Sampler.", "ddim"),
+        In("scheduler", "COMBO", "Noise schedule.", "ddim_uniform"),
+        _param(P.BATCH_SIZE, "Candidates K per cell (seed, seed + 1, ...), side by side in each grid cell."),
+        In("source", "IMAGE", "Optional source photo, shown top left in the grid (blank without it); its size "
+           "is used when the UNet LoRA does not record the source size.", optional=True),
+    ),
+    (
+        Out("latent", "LATENT", "Every cell's latents in one batch: rows (eta) first, then columns (beta), then "
+            "the K candidates."),
+        Out("grid", "IMAGE", "The labelled grid: one row per eta, one column per beta, the source photo top left."),
+    ),
+)
+
+NODES: tuple[Node, ...] = (ABDUCT_UNET, ABDUCT_TEXT, COUNTERFACTUAL, SWEEP, APPLY, SAVE, LOAD)
 BY_ID = {node.id: node for node in NODES}

@@ -107,6 +107,7 @@ def test_nodes_leave_the_input_model_and_clip_untouched(pack, parts, trained):
     u, d, *_ = trained
     with torch.inference_mode():
         pack.CounterfactualSample.execute(model, clip, u, d, "a b", "", 0.8, 1.0, 29, 2, 4.0, "euler", "normal", 1)
+        pack.DACSweep.execute(model, clip, vae, u, [d], "a b", "", "0, 1", 0.8, 29, 2, 4.0, "euler", "normal", 1)
         applied_model, applied_clip = pack.ApplyDACLoRAs.execute(model, clip, u, d, 0.8, 1.0).args
         ksample(applied_model, applied_clip)
     after = ksample(model, clip)
@@ -309,6 +310,203 @@ def test_counterfactual_sample_carries_controlnet_conditioning(pack, parts, flav
     assert "control" in pos_c[0][1]
     assert torch.equal(plain["samples"], no_control["samples"])  # the prompt text comes from DAC, not the input
     assert not torch.allclose(controlled["samples"], plain["samples"])  # the ControlNet acts
+
+
+# --- DAC Sweep ------------------------------------------------------------------------------
+
+SWEEP_BETAS = (0.0, 0.5, 1.0)
+SWEEP = dict(target_prompt="", negative_prompt="", betas="0, 0.5, 1", eta=0.3, seed=29, steps=3, cfg=4.0,
+             sampler_name="ddim", scheduler="ddim_uniform", batch_size=2)
+
+
+def sweep(pack, parts, unet_lora, text_loras, **changes):
+    """DACSweep.execute as ComfyUI calls a list-input node: every input a list."""
+    model, clip, vae = parts
+    inputs = {"model": model, "clip": clip, "vae": vae, "unet_lora": unet_lora, **SWEEP, **changes}
+    with torch.inference_mode():
+        return pack.DACSweep.execute(text_lora=list(text_loras), **{k: [v] for k, v in inputs.items()}).args
+
+
+@pytest.fixture(scope="module")
+def swept(pack, parts, trained):
+    """A sweep over three Deltas (fitted at eta 0.8 and 0.5 by the node, and one without dac.eta, which
+    takes the node's eta 0.3) x three betas x two candidates, with the source photo, its progress
+    values and how many LoRA wrappers it built."""
+    import comfy.utils
+    from dac_pack.dac_core.lora import LoRA
+
+    from dac_core.tiny import demo_image
+
+    model, clip, vae = parts
+    u, d, *_ = trained
+    img = torch.from_numpy(np.asarray(demo_image((64, 48)), dtype=np.float32) / 255)[None]
+    with torch.inference_mode():
+        d2, _ = pack.AbductTextLoRA.execute(model, clip, vae, img, "a red disc with a hat", u, 0.5, 5, 2e-3, 4, 42,
+                                            "fp32").args
+    no_eta = LoRA(d.layers, {k: v for k, v in d.metadata.items() if k != "dac.eta"})
+    assert d.metadata["dac.eta"] == "0.8" and d2.metadata["dac.eta"] == "0.5"
+    backend_mod = importlib.import_module("dac_pack.nodes.comfy_backend")
+    seen, built = [], []
+    original = backend_mod.LoRAWrapper.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    backend_mod.LoRAWrapper.__init__ = counting
+    try:
+        latent, grid = sweep(pack, parts, u, [d, d2, no_eta], source=img)
+    finally:
+        backend_mod.LoRAWrapper.__init__ = original
+        comfy.utils.set_progress_bar_global_hook(None)
+    return {"rows": [(d, 0.8), (d2, 0.5), (no_eta, 0.3)], "latent": latent, "grid": grid, "source": img,
+            "progress": seen, "wrappers": len(built)}
+
+
+def test_sweep_cells_are_counterfactual_samples(pack, parts, trained, swept):
+    """Every cell, bit for bit, is Counterfactual Sample's output with the same settings, each Delta at
+    the eta it was fitted with (the node's eta for the one that does not record it)."""
+    model, clip, _ = parts
+    u, *_ = trained
+    assert pack.DACSweep.INPUT_IS_LIST is True
+    samples, k = swept["latent"]["samples"], SWEEP["batch_size"]
+    assert samples.shape == (3 * 3 * k, 4, 6, 8) and samples.device.type == "cpu"
+    cell = 0
+    for delta, eta in swept["rows"]:
+        for beta in SWEEP_BETAS:
+            with torch.inference_mode():
+                (expected,) = pack.CounterfactualSample.execute(model, clip, u, delta, "", "", eta, beta, 29, 3, 4.0,
+                                                                "ddim", "ddim_uniform", k).args
+            assert torch.equal(samples[cell * k:(cell + 1) * k], expected["samples"]), (eta, beta)
+            cell += 1
+    cells = samples.reshape(3, 3, k, *samples.shape[1:])
+    assert not torch.equal(cells[0, 2], cells[2, 2]) and not torch.equal(cells[0, 0], cells[0, 2])  # eta, beta act
+    assert not torch.equal(cells[0, 0, 0], cells[0, 0, 1])  # candidates: seed, seed + 1
+    # the progress bar runs over all 9 cells x 3 steps, moving within each cell
+    assert swept["progress"] == [(v, 27) for v in range(1, 28)]
+    # U is attached once and each Delta once per row, not once per cell
+    assert swept["wrappers"] == len(u) + 3 * len(swept["rows"][0][0])
+    assert not model.weight_wrapper_patches and not clip.patcher.weight_wrapper_patches
+
+
+def test_sweep_takes_the_deltas_as_comfyui_hands_a_list(pack, parts, trained, swept):
+    """Through ComfyUI's executor, which hands a list-input node every input as a list (here a
+    list of two Deltas, as from Abduct Text-Encoder LoRA run over two eta values), one call."""
+    import asyncio
+
+    import execution
+
+    model, clip, vae = parts
+    u, *_ = trained
+    k = SWEEP["batch_size"]
+    inputs = {"model": [model], "clip": [clip], "vae": [vae], "unet_lora": [u],
+              **{name: [value] for name, value in SWEEP.items()}, "betas": ["1"],
+              "text_lora": [delta for delta, _ in swept["rows"][:2]]}
+    with torch.inference_mode():
+        output, _, _, _ = asyncio.run(execution.get_output_data("prompt", "5", pack.DACSweep, inputs))
+    (latent,), (grid,) = output
+    cells = swept["latent"]["samples"].reshape(3, 3, k, 4, 6, 8)
+    assert torch.equal(latent["samples"], torch.cat([cells[0, 2], cells[1, 2]]))
+    assert grid.shape[0] == 1
+
+
+def _grid_pixels(image: torch.Tensor) -> np.ndarray:
+    return (image[0].numpy() * 255).round().astype(np.uint8)
+
+
+def _decoded_pixels(vae, latents: torch.Tensor) -> list[np.ndarray]:
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        (images,) = comfy_nodes.VAEDecode().decode(vae, {"samples": latents})
+    return [np.clip(np.round(i.numpy() * 255), 0, 255).astype(np.uint8) for i in images]
+
+
+def test_sweep_grid_holds_each_cell_and_the_source(parts, swept):
+    """Rows eta, columns beta, the source top left: each cell's region of the grid IMAGE is that cell's
+    latents decoded by the VAE (enlarged 3x without smoothing: the cells are 48 pixels high)."""
+    from PIL import Image
+
+    from dac_core.image import labelled_grid
+
+    _, _, vae = parts
+    samples, k = swept["latent"]["samples"], SWEEP["batch_size"]
+    blank = Image.new("RGB", (64, 48))
+    cells = [[[blank] * k] * 3] * 3
+    reference, boxes = labelled_grid(blank, "source", ["eta = 0.8"] * 3, ["beta = 0"] * 3, cells)
+    grid = _grid_pixels(swept["grid"])
+    assert swept["grid"].shape == (1, reference.height, reference.width, 3) and swept["grid"].dtype == torch.float32
+    scale = 3
+    for (r, c), (left, top) in boxes.items():
+        cell = r * 3 + c
+        for n, decoded in enumerate(_decoded_pixels(vae, samples[cell * k:(cell + 1) * k])):
+            x = left + n * 64 * scale
+            region = grid[top:top + 48 * scale, x:x + 64 * scale]
+            assert np.array_equal(region, decoded.repeat(scale, 0).repeat(scale, 1)), (r, c, n)
+    source = (swept["source"][0].numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(grid[36:36 + 48 * scale, 6:6 + 64 * scale], source.repeat(scale, 0).repeat(scale, 1))
+    # a label beside the corner above each column, and one in the first column of each row
+    for c in range(3):
+        left = boxes[(0, c)][0]
+        assert (grid[6:36 + 48 * scale, left:left + 64 * k * scale] < 128).any(), c
+    for r in range(3):
+        top = boxes[(r, 0)][1]
+        assert (grid[top:top + 48 * scale, 6:6 + 64 * k * scale] < 128).any(), r
+
+
+def test_sweep_without_source_has_a_blank_corner(pack, parts, trained):
+    u, d, *_ = trained
+    latent, grid = sweep(pack, parts, u, [d], betas="1", steps=1, batch_size=1)
+    assert latent["samples"].shape == (1, 4, 6, 8)
+    pixels = _grid_pixels(grid)
+    assert pixels.shape == (6 + 2 * (144 + 30 + 6), 6 + 2 * (192 + 6), 3)
+    assert (pixels[36:36 + 144, 6:6 + 192] == 255).all()  # the corner tile
+    assert not (pixels[6 + 180 + 30:6 + 180 + 30 + 144, 204:204 + 192] == 255).all()  # the one cell
+
+
+@pytest.mark.parametrize("betas, message", [
+    ("", r"betas is empty: give one or more numbers separated by commas, each in \[-3, 5\]"),
+    ("a", r"betas must be a number in \[-3, 5\], got 'a'"),
+    ("9", r"betas must be a number in \[-3, 5\], got 9.0"),
+    ("0, 1, x", r"betas must be one or more numbers separated by commas, each in \[-3, 5\], got 'x' in '0, 1, x'"),
+    (["0", "1"], r"the betas input holds 2 values; DAC Sweep takes one \(several betas go in one text"),
+])
+def test_sweep_names_bad_betas(pack, parts, trained, betas, message):
+    from dac_pack.dac_core.errors import DACError
+
+    model, clip, vae = parts
+    u, d, *_ = trained
+    inputs = {"model": [model], "clip": [clip], "vae": [vae], "unet_lora": [u],
+              **{k: [v] for k, v in SWEEP.items()}, "betas": betas if isinstance(betas, list) else [betas]}
+    with torch.inference_mode(), pytest.raises(DACError, match=message):
+        pack.DACSweep.execute(text_lora=[d], **inputs)
+
+
+def test_cancel_stops_the_sweep_between_cells_and_leaves_nothing_patched(pack, parts, trained):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, _ = parts
+    u, d, *_ = trained
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 3:  # the first cell's last step
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sweep(pack, parts, u, [d], betas="0, 1, 2", steps=3, batch_size=1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2, 3]
+    assert not model.weight_wrapper_patches and not clip.patcher.weight_wrapper_patches
+    assert not any(getattr(m, "weight_function", None) for m in model.model.modules())
+    assert not any(getattr(m, "weight_function", None) for m in clip.cond_stage_model.modules())
 
 
 @pytest.fixture(scope="module")

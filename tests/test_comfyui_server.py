@@ -177,7 +177,8 @@ def test_pack_loads_with_every_node(server):
         assert [i.name for i in node.inputs] == list(declared)
     templates = server.get("/workflow_templates")
     assert sorted(templates[PACK]) == ["dac_basic_edit", "dac_controlnet_edit", "dac_edit_then_upscale",
-                                       "dac_save_and_share", "dac_sdxl_edit"]
+                                       "dac_save_and_share", "dac_sdxl_edit",
+                                       "dac_sweep"]
 
 
 def test_basic_edit_workflow_and_cache(server):
@@ -199,7 +200,8 @@ def test_basic_edit_workflow_and_cache(server):
 
 
 @pytest.mark.parametrize("name, size", [("dac_edit_then_upscale.json", (96, 72)),  # 1.5 x the photo
-                                        ("dac_controlnet_edit.json", (64, 48))])  # the photo's width x height
+                                        ("dac_controlnet_edit.json", (64, 48)),  # the photo's width x height
+                                        ("dac_sweep.json", (996, 366))])  # the grid: 64x48 cells at 3x, 1 + 4 columns
 def test_workflow_runs(server, name, size):
     from PIL import Image
 

@@ -19,7 +19,7 @@ SCOPED = {
     ("DACAbductUNetLoRA", "seed"): P.TRAIN_SEED,
     ("DACAbductTextLoRA", "steps"): P.TEXT_STEPS, ("DACAbductTextLoRA", "rank"): P.TEXT_RANK,
     ("DACAbductTextLoRA", "seed"): P.TRAIN_SEED,
-    ("DACCounterfactualSample", "steps"): P.SAMPLE_STEPS,
+    ("DACCounterfactualSample", "steps"): P.SAMPLE_STEPS, ("DACSweep", "steps"): P.SAMPLE_STEPS,
 }
 
 

@@ -222,6 +222,19 @@ def test_photo_check_lets_the_dac_result_through():
     assert len(wt.photo_latent_problems(prompt)) == 1
 
 
+def test_sweep_workflow():
+    """The two abductions, then DAC Sweep over four betas with the photo in the corner, its grid saved."""
+    api = _api("dac_sweep.json")
+    ids = _ids_by_type(api)
+    sweep = api[ids["DACSweep"]]["inputs"]
+    assert sweep["betas"] == "0, 0.5, 1, 1.5" and sweep["target_prompt"] == ""
+    assert api[sweep["unet_lora"][0]]["class_type"] == "DACAbductUNetLoRA"
+    assert api[sweep["text_lora"][0]]["class_type"] == "DACAbductTextLoRA"
+    assert api[sweep["source"][0]]["class_type"] == "LoadImage"
+    assert api[ids["SaveImage"]]["inputs"]["images"] == [ids["DACSweep"], 1]  # the grid
+    assert wt.load_spec().BY_ID["DACSweep"].input_is_list
+
+
 def test_ui_to_api_drops_notes_and_control_values_and_keeps_links():
     ui = _load(os.path.join(wt.WORKFLOWS_DIR, "dac_save_and_share.json"))
     api = wt.ui_to_api(ui, wt.widget_names())
@@ -323,7 +336,7 @@ def test_spec_inputs_have_tooltips_and_nodes_descriptions(spec):
 
 def test_spec_display_names(spec):
     assert [n.display_name for n in spec.NODES] == [
-        "Abduct UNet LoRA", "Abduct Text-Encoder LoRA", "Counterfactual Sample", "Apply DAC LoRAs",
+        "Abduct UNet LoRA", "Abduct Text-Encoder LoRA", "Counterfactual Sample", "DAC Sweep", "Apply DAC LoRAs",
         "Save DAC LoRA", "Load DAC LoRA",
     ]
 

@@ -29,7 +29,7 @@ def reference_markdown() -> str:
                 default += f" [{int(i.min)} .. {int(i.max)}]"
             elif i.min is not None and i.type == "FLOAT":
                 default += f" [{i.min:g} .. {i.max:g}]"
-            kind = i.type + (", optional" if i.optional else "")
+            kind = i.type + (", list" if i.is_list else "") + (", optional" if i.optional else "")
             lines.append(f"| `{i.name}` | {kind} | {default} | {i.tooltip} |")
         if node.outputs:
             lines += ["", "| output | type | meaning |", "|---|---|---|"]

@@ -444,7 +444,7 @@ def layout_problems(ui: dict) -> list[str]:
 # the start x = latent + sigma * noise keeps a trace of the latent, and the edit starts from the photo,
 # while DAC samples from pure noise. Empty latents (zeros) are what txt2img starts from.
 PHOTO_ENCODERS = ("VAEEncode",)  # every node type that starts with one: VAEEncode, VAEEncodeTiled, ...
-FRESH_SAMPLERS = frozenset({"DACCounterfactualSample"})  # start from pure noise; a latent input sets only the size
+FRESH_SAMPLERS = frozenset({"DACCounterfactualSample", "DACSweep"})  # from pure noise; a latent input: only its size
 
 
 def _full_denoise(node: dict) -> bool:
