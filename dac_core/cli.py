@@ -76,7 +76,7 @@ def _add(group, param: P.Param, default=argparse.SUPPRESS, listed: bool = False,
     if param.kind in (int, float) and param.low is not None:
         shown = f"{param.valid().split(' ', 2)[-1]}; {shown}" if shown else param.valid().split(" ", 2)[-1]
     default = param.default if default is argparse.SUPPRESS else default
-    more = "; a comma-separated list sweeps it (see --help's sweep note)" if listed else ""
+    more = "; a comma-separated list sweeps it, see below" if listed else ""
     group.add_argument(param.flag, type=_list_type(param) if listed else _type(param), default=default,
                        help=param.help + (f" ({shown}{more})" if shown else ""), **extra)
 
