@@ -117,6 +117,16 @@ def test_runner_writes_every_point_and_trains_u_once_per_source_steps_and_rank(t
     assert set(data["timing"]) == {premise.point_name(r, s) for s in (2, 3) for r in (2, full)}
     assert {"device", "threads"} <= set(data["environment"]) and data["cpu_seconds"] > 0
     assert "Abduction-1 only" in capsys.readouterr().out
+    # runs of other sets or etas merge into one result: lists joined, grids united
+    other = json.loads(out.read_text())
+    other["grid"]["etas"] = [0.8, 0.2]
+    for p in other["points"]:
+        p["eta"] = 0.2 if p["eta"] == 0.4 else p["eta"]
+    both = premise.merge([data, other])
+    at_04 = sum(p["eta"] == 0.4 for p in points)
+    assert len(both["points"]) == len(points) + at_04 and both["grid"]["etas"] == [0.8, 0.4, 0.2]
+    assert len(both["fits"]) == len(data["fits"])  # the same U, counted once
+    assert both["counts"] == {"unet": 4, "delta": 2 * len(calls["delta"])}
     # plotting needs matplotlib, a benchmark-only dependency
     pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"

@@ -207,8 +207,8 @@ def scored(case: W.Case, images: list) -> dict:
 
 
 def run(backend, case_sets: dict[str, list[W.Case]], g: Grid, store: Store, on_source=None) -> dict:
-    """Every point of the grid on every case; `on_source(results)` after each source (to save
-    what is done so far)."""
+    """Every point of the grid on every case; `on_source(results)` after each point of each
+    source (to save what is done so far)."""
     results: dict = {"grid": asdict(g), "points": [], "fits": [], "deltas": [], "sampling": [], "counts": {}}
     counter = results["counts"]
     start = time.perf_counter()
@@ -260,6 +260,9 @@ def run(backend, case_sets: dict[str, list[W.Case]], g: Grid, store: Store, on_s
                         results["points"].append({**row, "method": MATCHED, "eta": eta, "beta": 1.0,
                                                   "text_steps": steps, **scored(case, images)})
             results["sampling"].append({**point, "what": "every sample of the point", "seconds": timed_sample.seconds})
+            results["seconds"] = time.perf_counter() - start
+            if on_source is not None:
+                on_source(results)  # what is done so far survives an interruption
         results["seconds"] = time.perf_counter() - start
         log.info("source %d/%d (%s, %d cases) done | %.0f s so far, about %.0f s left", k + 1, len(groups), name,
                  len(cases), results["seconds"], results["seconds"] / (k + 1) * (len(groups) - k - 1))
@@ -381,7 +384,8 @@ def plot(results: dict, path: str) -> None:
                 if xs:
                     ax.plot(xs, [at[points[k]] for k in xs], marker="o" if method != MATCHED else "D", ms=4,
                             color=colours[method], label=method + (" (any eta)" if method == A1 else ""),
-                            lw=2.4 if method == A1 else 1.4, ls="--" if method == A1 else "-")
+                            lw=2.4 if method == A1 else 1.4, ls="--" if method == A1 else "-",
+                            zorder=3 if method == A1 else 2)
             if target is not None and target[metric] is not None:
                 ax.axhline(target[metric], color="gray", ls=":", lw=1.2, label=TARGET_ONLY + " (no U)")
             if metric == "psnr":
@@ -399,7 +403,7 @@ def plot(results: dict, path: str) -> None:
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
             if i == len(METRICS) - 1:
-                ax.set_xlabel("U: rank and Abduction-1 steps (fitted more firmly to the right)", fontsize=9)
+                ax.set_xlabel(f"U: rank and Abduction-1 steps (lr {g['learning_rate']:g})", fontsize=9)
     n_cases = len({(p["set"], p["target"]) for p in results["points"]})
     handles, labels = axes[-1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
@@ -454,21 +458,34 @@ def _load(path: str) -> dict:
 
 
 def merge(parts: list[dict]) -> dict:
-    """One result of runs over different case sets with the same grid (run side by side, one
-    process per core): the lists joined, the times of each run kept under "runs"."""
+    """One result of several runs (other case sets run side by side, one process per core, or
+    other points, etas or betas): the lists joined (a point or a fit that two runs share once),
+    the grid the union of the grids (a point of the curves is only where a run measured it),
+    each run's grid and times under "runs"."""
     if len(parts) == 1:
         return parts[0]
-    grids = {json.dumps(r["grid"], sort_keys=True) for r in parts}
-    if len(grids) != 1:
-        raise ValueError("the runs to merge have different grids")
     out = {k: v for k, v in parts[0].items() if k not in ("summary", "timing")}
-    for key in ("points", "fits", "deltas", "sampling"):
+    for key in ("deltas", "sampling"):  # time spent: all of it counts
         out[key] = [x for r in parts for x in r[key]]
+    # a point or fit measured by two runs (the target prompt alone, U from the cache) counts once
+    for key, ident in (("points", ("set", "source", "target", "method", "unet_steps", "rank", "eta", "beta",
+                                   "text_steps")),
+                       ("fits", ("set", "source", "unet_steps", "rank"))):
+        seen: dict = {}
+        for x in (x for r in parts for x in r[key]):
+            seen.setdefault(json.dumps([x[k] for k in ident]), x)
+        out[key] = list(seen.values())
+    grid = dict(parts[0]["grid"])
+    for key in ("points", "etas", "betas", "matched", "matched_etas"):
+        grid[key] = list(dict.fromkeys(tuple(x) if isinstance(x, list) else x for r in parts for x in r["grid"][key]))
+    out["grid"] = grid
     out["counts"] = {k: sum(r["counts"].get(k, 0) for r in parts) for k in ("unet", "delta")}
     out["sets"] = {k: v for r in parts for k, v in r["sets"].items()}
-    out["runs"] = [{k: r.get(k) for k in ("sets", "wall_seconds", "cpu_seconds", "environment")} for r in parts]
-    out["wall_seconds"] = max(r["wall_seconds"] for r in parts)  # side by side
+    out["runs"] = [{k: r.get(k) for k in ("sets", "grid", "wall_seconds", "cpu_seconds", "environment")}
+                   for r in parts]
     out["cpu_seconds"] = sum(r["cpu_seconds"] for r in parts)
+    out["wall_seconds"] = max(r["wall_seconds"] for r in parts)  # the longest run (they ran side by side)
+    out["wall_seconds_sum"] = sum(r["wall_seconds"] for r in parts)
     return out | {"summary": summary(out), "timing": timing(out)}
 
 
@@ -511,6 +528,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write every point here (after each source, and at the end)")
     p.add_argument("--plot", help="write the curves here (PNG; needs matplotlib)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--note", help="with --plot-only and --json: a note on how the runs were made, kept in the JSON")
     p.add_argument("--plot-only", metavar="JSON[,JSON]",
                    help="run nothing: merge these results (runs of other case sets, same grid), print the table, "
                         "and write --plot and --json from them")
@@ -518,6 +536,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.plot_only:
         results = merge([_load(path) for path in args.plot_only.split(",")])
+        if args.note:
+            results["note"] = args.note
         print(table(results))
         if args.json and args.json not in args.plot_only.split(","):
             write_json(args.json, results)
