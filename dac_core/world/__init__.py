@@ -32,6 +32,7 @@ from .scene import (
     Scene,
     caption,
     default_cases,
+    edit_types_for,
     load_cases,
     make_edit,
     object_mask,
@@ -48,6 +49,6 @@ from .scene import (
 __all__ = [
     "BACKGROUND_COLOURS", "COLOURS", "DEMO_CASE", "EDIT_TYPES", "MAX_DY", "OBJECT_COLOURS", "POSITIONS", "SHAPES",
     "SIZE", "SIZES", "STRIPE", "TEXTURES", "Case", "Obj", "ObjectCheck", "Report", "Scene", "blobs", "caption",
-    "check", "default_cases", "load_cases", "make_edit", "object_mask", "objects_mask", "random_scene", "render",
-    "save_cases", "texture_colours", "texture_pattern", "validate", "write_demo_source",
+    "check", "default_cases", "edit_types_for", "load_cases", "make_edit", "object_mask", "objects_mask",
+    "random_scene", "render", "save_cases", "texture_colours", "texture_pattern", "validate", "write_demo_source",
 ]

@@ -263,8 +263,8 @@ def make_edit(edit: str, source: Scene, rng: random.Random) -> Case:
         objs.append(Obj(rng.choice(SHAPES), rng.choice(colours), rng.choice(list(SIZES)), rng.choice(free),
                         rng.randint(-MAX_DY, MAX_DY)))
     elif edit == "removal":
-        if len(objs) != 2:
-            raise ValueError("removal takes one of two objects")
+        if len(objs) < 2:
+            raise ValueError("removal needs a scene with two or three objects (a scene keeps at least one)")
         objs.pop(i)
     elif edit == "style":  # background texture
         return Case(edit, source, replace(source, texture=rng.choice([t for t in TEXTURES if t != source.texture])))
@@ -273,16 +273,27 @@ def make_edit(edit: str, source: Scene, rng: random.Random) -> Case:
     return Case(edit, source, validate(replace(source, objects=tuple(objs))))
 
 
-def default_cases(per_type: int = 6, seed: int = 0) -> list[Case]:
+def edit_types_for(n_objects: int) -> tuple[str, ...]:
+    """The edit types a scene of `n_objects` objects admits: an addition needs a free
+    position (one or two objects), a removal must leave an object (two or three)."""
+    return tuple(e for e in EDIT_TYPES
+                 if not (e == "addition" and n_objects >= len(POSITIONS)) and not (e == "removal" and n_objects < 2))
+
+
+def default_cases(per_type: int = 6, seed: int = 0, n_objects: int = 2) -> list[Case]:
     """The benchmark's default case set, fixed by seed: `per_type` source scenes, each edited
     once per edit type. Every source has two objects, the one count that admits all six
-    edits (an addition needs a free position, a removal one of two objects); a method that
-    fits a model to the source (DAC's UNet LoRA) fits it once per source, not per case."""
+    edits (an addition needs a free position, a removal one of two or three objects); a
+    method that fits a model to the source (DAC's UNet LoRA) fits it once per source, not
+    per case. `n_objects` 1 or 3 gives sources with that many objects, each edited once per
+    edit type it admits (`edit_types_for`: five); 2, the default, is the benchmark's set."""
+    if n_objects not in (1, 2, 3):
+        raise ValueError(f"a scene has one to three objects, not {n_objects}")
     rng = random.Random(seed)
     cases = []
     for _ in range(per_type):
-        source = random_scene(rng, 2)
-        cases += [make_edit(edit, source, rng) for edit in EDIT_TYPES]
+        source = random_scene(rng, n_objects)
+        cases += [make_edit(edit, source, rng) for edit in edit_types_for(n_objects)]
     return cases
 
 
