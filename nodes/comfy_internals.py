@@ -202,8 +202,11 @@ def _checkpointed(forward):
 
 
 def checkpoint_unet_blocks(patcher) -> None:
-    """Gradient checkpointing for each block of an SD UNet (input, middle, output blocks), as
-    object patches on the patcher: applied on load, undone on unload."""
+    """Gradient checkpointing for an SD UNet: each layer of its input, middle and output blocks
+    (ResBlock, spatial transformer, down/upsampler) recomputed in the backward pass, as object
+    patches on the patcher: applied on load, undone on unload. The patches go on the layers:
+    ComfyUI runs a block's layers one by one (openaimodel.forward_timestep_embed) and never
+    calls the block's own forward."""
     unet = patcher.model.diffusion_model
     for group in ("input_blocks", "middle_block", "output_blocks"):
         blocks = getattr(unet, group)
@@ -211,7 +214,9 @@ def checkpoint_unet_blocks(patcher) -> None:
         for name, block in named:
             if block is None:  # distilled SDXL UNets (KOALA) have no middle block
                 continue
-            patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
+            for j, layer in enumerate(block):
+                forward = types.MethodType(type(layer).forward, layer)
+                patcher.add_object_patch(f"diffusion_model.{name}.{j}.forward", _checkpointed(forward))
 
 
 def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
