@@ -20,6 +20,9 @@ float rounding only. The activation path computes exactly what peft computes, op
 A strength may be a float, a 0-dim tensor, or a tensor with one entry per sample of the
 batch (gamma(t) at per-sample timesteps); per-sample strengths that differ use the
 activation path. LoRA weights are float32 whatever the layer's dtype.
+
+The cost model (`weight_path_cheaper`) and the activation path (`on_activations`) are module
+functions: the ComfyUI backend (nodes/comfy_backend.py) makes the same choice per layer.
 """
 
 from __future__ import annotations
@@ -45,6 +48,43 @@ ELEMENTWISE_COST = 10
 LARGE_WEIGHT = 2**20
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+# --- the cost model and the activation path, shared with the ComfyUI backend ----------------
+def positions(layer: torch.nn.Linear | torch.nn.Conv2d, x: torch.Tensor) -> int:
+    """Positions `layer` is applied at for input `x` (output positions for a convolution)."""
+    if isinstance(layer, torch.nn.Linear):
+        return x.numel() // x.shape[-1]
+    h, w = x.shape[-2:]
+    sh, sw = layer.stride
+    return x.shape[0] * max(h // sh, 1) * max(w // sw, 1)
+
+
+def weight_path_cheaper(layer: torch.nn.Linear | torch.nn.Conv2d, x: torch.Tensor, rank: int, trains: bool) -> bool:
+    """Whether a rank-`rank` LoRA on `layer` costs fewer multiply-adds through the weights than
+    on the activations for input `x`; `trains`: its factors get gradients (when gradients are
+    enabled). A frozen LoRA is counted with its up @ down cached (one add to W a call)."""
+    out_f, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+    tokens = positions(layer, x)
+    activation = tokens * rank * (fan_in + out_f)
+    if trains and torch.is_grad_enabled():
+        # forward + two backward products on each side; the weight path also computes
+        # the merged weight's gradient (tokens * in * out) and its factors' (2 * rank * in * out)
+        return tokens * out_f * fan_in + 3 * rank * out_f * fan_in <= 3 * activation
+    # frozen: up @ down is formed once and cached (not counted); each call adds it to W (a
+    # memory-bound pass, ELEMENTWISE_COST multiply-adds an element), again in the backward
+    # pass when gradients flow through, as the activation path computes its part again
+    return ELEMENTWISE_COST * out_f * fan_in <= activation
+
+
+def on_activations(layer: torch.nn.Linear | torch.nn.Conv2d, x: torch.Tensor, down: torch.Tensor,
+                   up: torch.Tensor) -> torch.Tensor:
+    """up(down(x)) for a LoRA on `layer`, unscaled, as peft computes it (x in the LoRA's dtype;
+    for a convolution, down with the layer's kernel, stride and padding, up 1 x 1)."""
+    xa = x.to(down.dtype)
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(F.linear(xa, down), up)
+    return F.conv2d(F.conv2d(xa, down, None, layer.stride, layer.padding), up)
 
 
 def _scratch_like(w: torch.Tensor) -> torch.Tensor:
@@ -146,31 +186,15 @@ class LoRAHost(torch.nn.Module):
             self._cached[name] = d.detach()
         return d
 
-    # --- the cost model -----------------------------------------------------------------
+    # --- the cost model ---------------------------------------------------------------------
     def _tokens(self, x: torch.Tensor) -> int:
-        """Positions the layer is applied at (output positions for a convolution)."""
-        base = self.base_layer
-        if isinstance(base, torch.nn.Linear):
-            return x.numel() // x.shape[-1]
-        h, w = x.shape[-2:]
-        sh, sw = base.stride
-        return x.shape[0] * max(h // sh, 1) * max(w // sw, 1)
+        return positions(self.base_layer, x)
 
     def through_weights(self, name: str, x: torch.Tensor) -> bool:
         """Whether LoRA `name` is cheaper through the weights for input `x` (multiply-adds)."""
         if self.path != "auto":
             return self.path == "weight"
-        out_f, fan_in = self.base_layer.weight.shape[0], self.base_layer.weight[0].numel()
-        rank, tokens = self.lora_down[name].shape[0], self._tokens(x)
-        activation = tokens * rank * (fan_in + out_f)
-        if self._trains(name) and torch.is_grad_enabled():
-            # forward + two backward products on each side; the weight path also computes
-            # the merged weight's gradient (tokens * in * out) and its factors' (2 * rank * in * out)
-            return tokens * out_f * fan_in + 3 * rank * out_f * fan_in <= 3 * activation
-        # frozen: up @ down is formed once and cached (not counted); each call adds it to W (a
-        # memory-bound pass, ELEMENTWISE_COST multiply-adds an element), again in the backward
-        # pass when gradients flow through, as the activation path computes its part again
-        return ELEMENTWISE_COST * out_f * fan_in <= activation
+        return weight_path_cheaper(self.base_layer, x, self.lora_down[name].shape[0], self._trains(name))
 
     def _merged_weight(self, merged: list[tuple[str, float | torch.Tensor]], scratch: bool = False) -> torch.Tensor:
         """W + sum of s * (alpha / rank) * up @ down, formed in float32, in W's dtype; with
@@ -232,12 +256,8 @@ class LoRAHost(torch.nn.Module):
             result = base(x)
         out_dtype = result.dtype
         for name, s in separate:
-            down, up = self.lora_down[name], self.lora_up[name]
-            xa = x.to(down.dtype)
-            if isinstance(base, torch.nn.Linear):
-                h = F.linear(F.linear(xa, down), up)
-            else:
-                h = F.conv2d(F.conv2d(xa, down, None, base.stride, base.padding), up)
+            down = self.lora_down[name]
+            h = on_activations(base, x, down, self.lora_up[name])
             scaling = self.alpha[name] / down.shape[0]
             if isinstance(s, torch.Tensor) and s.dim() > 0:
                 if s.shape[0] != x.shape[0]:

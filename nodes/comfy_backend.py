@@ -27,6 +27,21 @@ as ComfyUI's SDXL conditioning does (original size = `original_size` or the late
 crop 0, target size = the latents'); the text-encoder LoRAs sit on both encoders
 (`lora_te1_` CLIP-L without its unread last layer, `lora_te2_` bigG whole).
 
+Two paths for a LoRA, chosen per layer and call: each LoRA'd layer gets an object patch on
+its forward (`LayerLoRAs`) that asks dac_core.lora_layers' cost model, for this input's size
+and whether the LoRA trains, whether the LoRA is cheaper through the weights (the wrapper
+adds the delta to W, as ComfyUI's own LoRAs) or on the activations (the wrapper passes W
+through and the patch adds s * (alpha / rank) * up(down(x)) to the layer's output, as peft
+and the diffusers backend do). The two are the same function with the same gradients, to
+float rounding. The choice is made while gradients flow (Abduction-1 and -2); without them
+(sampling, previews) every LoRA goes through the weights, as ComfyUI's own LoRA loader
+merges them, so Apply DAC LoRAs samples what the stock loader samples to float rounding of
+the same operations (at rank 512 the cost model picks that path on every SD layer but the
+small time-embedding projections then anyway). While the UNet LoRA is frozen (U in
+Abduction-2 and in sampling) its up @ down is formed once and kept, in the dtype of the
+weight it is added to (as large as the layer's weight), so the weight path costs one add
+per call. `lora_path` forces one path for every LoRA ("weight": no forward patches).
+
 The input MODEL and CLIP are cloned first; nothing is attached to them.
 """
 
@@ -58,6 +73,7 @@ from ..dac_core.lora import (
     is_text_target,
     is_unet_target,
 )
+from ..dac_core.lora_layers import PATHS, on_activations, weight_path_cheaper
 from . import comfy_internals as internals
 
 TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,28 +87,97 @@ class Strength:
 
 
 class LoRAWrapper(torch.nn.Module):
-    """Weight wrapper: W -> W + strength * (alpha / rank) * up @ down (float32 LoRA weights)."""
+    """Weight wrapper: W -> W + strength * (alpha / rank) * up @ down (float32 LoRA weights).
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float, strength: Strength):
+    With `cache` (UNet LoRAs: called at every step), a frozen LoRA's up @ down is formed once
+    (in float32, outside autocast) and kept in the dtype of the weight it is added to. While
+    `on_activations` is set (by the layer's LayerLoRAs, for one call) the wrapper passes W
+    through unchanged: the layer's forward then adds the LoRA on the activations."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float, strength: Strength, cache: bool = False):
         super().__init__()
         self.down = torch.nn.Parameter(down.detach().float().clone(), requires_grad=False)
         self.up = torch.nn.Parameter(up.detach().float().clone(), requires_grad=False)
         self.alpha = float(alpha)
         self.strength = strength
+        self.cache = cache
+        self.on_activations = False
+        self._product: torch.Tensor | None = None  # up @ down of the frozen LoRA, shaped and typed like W
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def trains(self) -> bool:
+        return self.down.requires_grad or self.up.requires_grad
+
+    def scaling(self) -> float:
+        return self.strength.value * self.alpha / self.rank
+
+    def _cached_product(self, weight: torch.Tensor) -> torch.Tensor:
+        p = self._product
+        if p is None or p.device != weight.device or p.dtype != weight.dtype:
+            with torch.autocast(self.up.device.type, enabled=False):
+                d = self.up.flatten(1) @ self.down.flatten(1)
+            p = self._product = d.detach().reshape(weight.shape).to(weight.device, weight.dtype)
+        return p
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         s = self.strength.value
-        if s == 0:
+        if s == 0 or self.on_activations:
             return weight
+        c = s * self.alpha / self.rank
+        if self.cache and not self.trains():
+            return weight + self._cached_product(weight) * c
+        self._product = None
         delta = self.up.flatten(1) @ self.down.flatten(1)
-        return weight + (delta.reshape(weight.shape) * (s * self.alpha / self.down.shape[0])).to(weight.dtype)
+        return weight + (delta.reshape(weight.shape) * c).to(weight.dtype)
 
     def passive_memory_usage(self) -> int:
         return sum(p.nelement() * p.element_size() for p in self.parameters())
 
     def move_to(self, device) -> int:
         self.to(device=device)
+        self._product = None
         return self.passive_memory_usage()
+
+
+class LayerLoRAs:
+    """The forward of one LoRA'd Linear or Conv2d (an object patch): for each of its LoRAs
+    (wrappers), the path that dac_core.lora_layers' cost model finds cheaper for this input
+    (or the one `path` forces). LoRAs on the activations: their wrappers pass the weight
+    through during the layer's own forward, and s * (alpha / rank) * up(down(x)) is added to
+    its output (computed from x in float32 LoRA weights, as the diffusers backend does)."""
+
+    def __init__(self, layer: torch.nn.Linear | torch.nn.Conv2d, original, path: str):
+        self.layer, self.original, self.path = layer, original, path
+        self.wrappers: list[LoRAWrapper] = []
+        self.last_paths: list[str] = []  # per wrapper, the path of the last call (for tests)
+
+    def _on_activations(self, w: LoRAWrapper, x: torch.Tensor) -> bool:
+        if self.path != "auto":
+            return self.path == "activation"
+        # without gradients (sampling, previews) every LoRA goes through the weights, as
+        # ComfyUI's own LoRA loader merges them (see the module's docstring)
+        return torch.is_grad_enabled() and not weight_path_cheaper(self.layer, x, w.rank, w.trains())
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [w for w in self.wrappers if w.strength.value != 0]
+        separate = [w for w in active if self._on_activations(w, x)]
+        self.last_paths = ["activation" if w in separate else "weight" for w in active]
+        if not separate:
+            return self.original(x, *args, **kwargs)
+        for w in separate:
+            w.on_activations = True
+        try:
+            y = self.original(x, *args, **kwargs)
+        finally:
+            for w in separate:
+                w.on_activations = False
+        out_dtype = y.dtype
+        for w in separate:
+            y = y + on_activations(self.layer, x, w.down, w.up) * w.scaling()
+        return y.to(out_dtype)
 
 
 def _identity(weight: torch.Tensor) -> torch.Tensor:
@@ -147,9 +232,15 @@ def _model_output_and_target(kind: str, sigma, x_t, x0, noise, latents):
 class ComfyBackend(DACBackend):
     def __init__(self, model, clip, vae=None, training_dtype: str = "fp32", gradient_checkpointing: bool = False,
                  sampler_name: str = "ddim", scheduler: str = "ddim_uniform", positive_extras: dict | None = None,
-                 negative_extras: dict | None = None):
+                 negative_extras: dict | None = None, lora_path: str = "auto"):
         """`positive_extras` / `negative_extras`: what the sampled conditionings carry beside
-        the text embedding (a ControlNet's "control", areas, masks), kept as given."""
+        the text embedding (a ControlNet's "control", areas, masks), kept as given.
+        `lora_path`: "auto" (each LoRA'd layer the cheaper path, per call), "weight" or
+        "activation" (every LoRA that way; for tests and benchmarks)."""
+        if lora_path not in PATHS:
+            raise ValueError(f"lora_path must be one of {PATHS}, got {lora_path!r}")
+        self.lora_path = lora_path
+        self._layers: dict[tuple[int, str], LayerLoRAs] = {}  # (id(patcher), weight key) -> its forward patch
         self.model = model.clone()
         self.clip = clip.clone() if clip is not None else None
         self.vae = vae
@@ -273,10 +364,13 @@ class ComfyBackend(DACBackend):
         self.strengths[name].value = 1.0
         wrappers = {}
         for stem, layer in layers.items():
-            w = LoRAWrapper(layer.down, layer.up, layer.alpha, self.strengths[name])
+            w = LoRAWrapper(layer.down, layer.up, layer.alpha, self.strengths[name], cache=name == UNET)
             w.requires_grad_(trainable)
             patcher.add_weight_wrapper(keys[stem], w)
             wrappers[keys[stem]] = w
+            patch = self._layer_patch(patcher, keys[stem])
+            if patch is not None:
+                patch.wrappers.append(w)
         self.wrappers[name] = wrappers
         if not trainable:
             self._frozen[name] = lora
@@ -286,6 +380,18 @@ class ComfyBackend(DACBackend):
                 if p is not None:
                     self._wrap_for_grad(p)
         return [p for w in wrappers.values() for p in w.parameters() if p.requires_grad]
+
+    def _layer_patch(self, patcher, key: str) -> LayerLoRAs | None:
+        """The forward patch of the layer holding weight `key` (made on first use; None for
+        lora_path "weight" or a layer that is not a Linear or Conv2d)."""
+        if self.lora_path == "weight":
+            return None
+        if (id(patcher), key) not in self._layers:
+            if internals.lora_layer(patcher, key) is None:
+                return None
+            self._layers[(id(patcher), key)] = internals.patch_layer_forward(
+                patcher, key, lambda layer, original: LayerLoRAs(layer, original, self.lora_path))
+        return self._layers[(id(patcher), key)]
 
     def _wrap_for_grad(self, patcher) -> None:
         """Identity wrappers on every other weight and bias; out-of-place CLIP layers."""
@@ -310,6 +416,9 @@ class ComfyBackend(DACBackend):
         patcher, _ = self._patcher_keys(name)
         for key, w in wrappers.items():
             internals.remove_weight_wrapper(patcher, key, w)
+            patch = self._layers.get((id(patcher), key))
+            if patch is not None:
+                patch.wrappers = [x for x in patch.wrappers if x is not w]
 
     def export_lora(self, name) -> LoRA:
         patcher, keys = self._patcher_keys(name)

@@ -3,9 +3,9 @@
 The rest of the pack uses ComfyUI's public surface (ModelPatcher.clone / add_weight_wrapper /
 add_object_patch / add_wrapper / set_model_compute_dtype, CLIP.tokenize / encode_from_tokens,
 VAE.encode / decode, comfy.sample, comfy.utils.ProgressBar, folder_paths). What ComfyUI does
-not promise to keep (module-level lists, private attributes, patch uuids, a layer class's
-forward signature, the VAE's posterior) is reached only through the functions below, so a
-newer ComfyUI that moves them needs this one file changed.
+not promise to keep (module-level lists, private attributes, patch uuids, a patcher's object
+patches, a layer class's forward signature, the VAE's posterior) is reached only through the
+functions below, so a newer ComfyUI that moves them needs this one file changed.
 
 Tested with ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd84).
 """
@@ -168,6 +168,28 @@ def unet_state_dict(patcher) -> dict[str, torch.Tensor]:
     return patcher.model.diffusion_model.state_dict()
 
 
+def lora_layer(patcher, weight_key: str) -> torch.nn.Linear | torch.nn.Conv2d | None:
+    """The Linear or Conv2d layer whose weight is `weight_key` (None for any other layer)."""
+    layer = comfy.utils.get_attr(patcher.model, weight_key.rsplit(".", 1)[0])
+    return layer if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) else None
+
+
+def patch_layer_forward(patcher, weight_key: str, make):
+    """An object patch on the forward of the layer whose weight is `weight_key`:
+    `make(layer, original)` returns the new forward, `original` being the forward it stands
+    in for on this patcher (an object patch the patcher already carries, such as a DAC
+    model's fed to another DAC node, else the layer class's own forward; never another
+    patcher's, which may be installed on the shared module). Applied on load, undone on
+    unload. Returns the new forward."""
+    name = weight_key.rsplit(".", 1)[0]
+    layer = comfy.utils.get_attr(patcher.model, name)
+    key = f"{name}.forward"
+    original = patcher.object_patches.get(key) or types.MethodType(type(layer).forward, layer)
+    forward = make(layer, original)
+    patcher.add_object_patch(key, forward)
+    return forward
+
+
 def _checkpointed(forward):
     """Recompute the block in the backward pass instead of keeping its activations."""
 
@@ -180,8 +202,11 @@ def _checkpointed(forward):
 
 
 def checkpoint_unet_blocks(patcher) -> None:
-    """Gradient checkpointing for each block of an SD UNet (input, middle, output blocks), as
-    object patches on the patcher: applied on load, undone on unload."""
+    """Gradient checkpointing for an SD UNet: each layer of its input, middle and output blocks
+    (ResBlock, spatial transformer, down/upsampler) recomputed in the backward pass, as object
+    patches on the patcher: applied on load, undone on unload. The patches go on the layers:
+    ComfyUI runs a block's layers one by one (openaimodel.forward_timestep_embed) and never
+    calls the block's own forward."""
     unet = patcher.model.diffusion_model
     for group in ("input_blocks", "middle_block", "output_blocks"):
         blocks = getattr(unet, group)
@@ -189,7 +214,9 @@ def checkpoint_unet_blocks(patcher) -> None:
         for name, block in named:
             if block is None:  # distilled SDXL UNets (KOALA) have no middle block
                 continue
-            patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(block.forward))
+            for j, layer in enumerate(block):
+                forward = types.MethodType(type(layer).forward, layer)
+                patcher.add_object_patch(f"diffusion_model.{name}.{j}.forward", _checkpointed(forward))
 
 
 def apply_model(patcher, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
