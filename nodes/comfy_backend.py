@@ -128,7 +128,12 @@ class LoRAWrapper(torch.nn.Module):
             return weight
         c = s * self.alpha / self.rank
         if self.cache and not self.trains():
-            return weight + self._cached_product(weight) * c
+            p = self._cached_product(weight)
+            if weight.requires_grad:
+                return weight + p * c
+            # ComfyUI hands the weight functions a copy of W (cast_to(copy=True)): the add
+            # goes into it rather than into two more tensors as large as the layer's weight
+            return weight.add_(p, alpha=c)
         self._product = None
         delta = self.up.flatten(1) @ self.down.flatten(1)
         return weight + (delta.reshape(weight.shape) * c).to(weight.dtype)
@@ -140,6 +145,47 @@ class LoRAWrapper(torch.nn.Module):
         self.to(device=device)
         self._product = None
         return self.passive_memory_usage()
+
+
+class _FrozenThroughWeights(torch.autograd.Function):
+    """The base forward of a layer whose LoRAs are all frozen (U in Abduction-2: those
+    through the weights in it, those on the activations added after), differentiable in its
+    input only. It runs as ComfyUI runs the layer, without keeping the weight it computed
+    with (W + gamma * dU: as large as the layer's weight) for the backward pass, which forms
+    it again (ComfyUI's cast, the wrappers applied) for the input's gradient. Autograd would
+    keep every one: the size of the adapted weights (3.2 GB at SD 2.1 size, float32)."""
+
+    @staticmethod
+    def forward(ctx, x, patch, separate, args, kwargs):
+        ctx.patch, ctx.separate, ctx.x_shape, ctx.x_dtype = patch, separate, x.shape, x.dtype
+        # the strengths of this call (gamma(t) changes between the calls of one batch)
+        ctx.strengths = [(f.strength, f.strength.value) for f in internals.weight_functions(patch.layer)]
+        return patch.base(x, separate, args, kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.patch.layer
+        now = [(s, s.value) for s, _ in ctx.strengths]
+        try:
+            for s, value in ctx.strengths:
+                s.value = value
+            for w in ctx.separate:
+                w.on_activations = True
+            with torch.no_grad():
+                # the weight in the dtype the forward computed in (the output's, under autocast too)
+                w = internals.layer_weight(layer, grad.new_empty(0, dtype=ctx.x_dtype)).to(grad.dtype)
+        finally:
+            for s, value in now:
+                s.value = value
+            for f in ctx.separate:
+                f.on_activations = False
+        with torch.no_grad():
+            if isinstance(layer, torch.nn.Linear):
+                dx = grad @ w
+            else:
+                dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, layer.stride, layer.padding, layer.dilation,
+                                                layer.groups)
+        return dx.to(ctx.x_dtype), None, None, None, None
 
 
 class LayerLoRAs:
@@ -161,19 +207,32 @@ class LayerLoRAs:
         # ComfyUI's own LoRA loader merges them (see the module's docstring)
         return torch.is_grad_enabled() and not weight_path_cheaper(self.layer, x, w.rank, w.trains())
 
+    def _all_frozen(self) -> bool:
+        """Every weight function of the layer is a frozen, cached LoRA of this backend (none
+        trains, nothing unknown that might), so the layer needs no weight gradient."""
+        functions = internals.weight_functions(self.layer)
+        return bool(functions) and all(isinstance(f, LoRAWrapper) and f.cache and not f.trains() for f in functions)
+
+    def base(self, x: torch.Tensor, separate: list[LoRAWrapper], args, kwargs) -> torch.Tensor:
+        """The layer's own forward, the `separate` LoRAs left out of its weight."""
+        for w in separate:
+            w.on_activations = True
+        try:
+            return self.original(x, *args, **kwargs)
+        finally:
+            for w in separate:
+                w.on_activations = False
+
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = [w for w in self.wrappers if w.strength.value != 0]
         separate = [w for w in active if self._on_activations(w, x)]
         self.last_paths = ["activation" if w in separate else "weight" for w in active]
+        if x.requires_grad and torch.is_grad_enabled() and self._all_frozen():
+            y = _FrozenThroughWeights.apply(x, self, separate, args, kwargs)
+        else:
+            y = self.base(x, separate, args, kwargs)
         if not separate:
-            return self.original(x, *args, **kwargs)
-        for w in separate:
-            w.on_activations = True
-        try:
-            y = self.original(x, *args, **kwargs)
-        finally:
-            for w in separate:
-                w.on_activations = False
+            return y
         out_dtype = y.dtype
         for w in separate:
             y = y + on_activations(self.layer, x, w.down, w.up) * w.scaling()

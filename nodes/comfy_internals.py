@@ -21,6 +21,7 @@ import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.utils
 import torch
 
@@ -31,6 +32,19 @@ TESTED_COMFYUI_VERSIONS = ("0.3.64",)
 def has_weight_function(module: torch.nn.Module) -> bool:
     """A comfy.ops layer: ComfyUI calls its `weight_function`s on every forward."""
     return hasattr(module, "weight_function")
+
+
+def weight_functions(module: torch.nn.Module) -> list:
+    """The functions ComfyUI applies to a comfy.ops layer's weight on this forward (the
+    weight wrappers of the patcher loaded on it)."""
+    return list(getattr(module, "weight_function", []))
+
+
+def layer_weight(module: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The weight a comfy.ops layer computes with for an input like `like` (its dtype and
+    device): cast as ComfyUI casts it, with its weight functions applied."""
+    weight, _ = comfy.ops.cast_bias_weight(module, like)
+    return weight
 
 
 def wrapped_keys(patcher) -> set[str]:
@@ -169,9 +183,16 @@ def unet_state_dict(patcher) -> dict[str, torch.Tensor]:
 
 
 def lora_layer(patcher, weight_key: str) -> torch.nn.Linear | torch.nn.Conv2d | None:
-    """The Linear or Conv2d layer whose weight is `weight_key` (None for any other layer)."""
+    """The Linear or Conv2d layer whose weight is `weight_key`, if a LoRA on it can also be
+    computed on the activations (a convolution with zero padding, no dilation, no groups);
+    else None."""
     layer = comfy.utils.get_attr(patcher.model, weight_key.rsplit(".", 1)[0])
-    return layer if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) else None
+    if isinstance(layer, torch.nn.Linear):
+        return layer
+    if isinstance(layer, torch.nn.Conv2d) and layer.padding_mode == "zeros" and layer.groups == 1 and all(
+            d == 1 for d in layer.dilation) and not isinstance(layer.padding, str):
+        return layer
+    return None
 
 
 def patch_layer_forward(patcher, weight_key: str, make):

@@ -148,17 +148,20 @@ def tiny_model(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def hf_text_encoder(flavour: str = "sd1"):
+def hf_text_encoder(flavour: str = "sd1", text_config: dict | None = None):
     """The transformers CLIPTextModel behind tiny_clip(flavour): CLIP-L's vocabulary, tiny
     layers. SD 2.x-style ("sd2"): OpenCLIP's gelu and one layer more, which ComfyUI builds
-    and never reads (it takes the penultimate layer; diffusers' SD 2.x encoder lacks it)."""
+    and never reads (it takes the penultimate layer; diffusers' SD 2.x encoder lacks it).
+    `text_config`: other shapes than dac_core.tiny.TEXT_CONFIG's (e.g. a wider encoder for a
+    UNet with 1024-wide cross-attention)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dac_core.tiny import TEXT_CONFIG
 
     sd2 = flavour == "sd2"
-    small = {**TEXT_CONFIG, "vocab_size": 49408, "hidden_act": "gelu" if sd2 else "quick_gelu",
-             "num_hidden_layers": TEXT_CONFIG["num_hidden_layers"] + sd2}
+    config = {**TEXT_CONFIG, **(text_config or {})}
+    small = {**config, "vocab_size": 49408, "hidden_act": "gelu" if sd2 else "quick_gelu",
+             "num_hidden_layers": config["num_hidden_layers"] + sd2}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return CLIPTextModel(CLIPTextConfig(**small, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), small
@@ -182,10 +185,11 @@ def hf_sdxl_text_encoders():
     return (te1, small_l), (te2, small_g)
 
 
-def parity_pipeline(comfyui: str, flavour: str = "sd1"):
+def parity_pipeline(comfyui: str, flavour: str = "sd1", text_config: dict | None = None):
     """dac_core.tiny's diffusers pipeline with tiny_clip(flavour)'s text encoder and ComfyUI's
     CLIP tokenizer, so both backends see the same weights and tokens. For "sd2" the encoder
-    is cut to the layers diffusers' SD 2.x has (all but the last) and pads with "!" (id 0)."""
+    is cut to the layers diffusers' SD 2.x has (all but the last) and pads with "!" (id 0).
+    `text_config`: as hf_text_encoder's (not for "sdxl")."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from dac_core.tiny import tiny_pipeline
@@ -199,7 +203,7 @@ def parity_pipeline(comfyui: str, flavour: str = "sd1"):
         pipe.tokenizer_2.model_max_length = 77
         pipe.tokenizer_2.pad_token = "!"
         return pipe
-    hf, small = hf_text_encoder(flavour)
+    hf, small = hf_text_encoder(flavour, text_config)
     if flavour == "sd2":
         cut = CLIPTextModel(CLIPTextConfig(**{**small, "num_hidden_layers": small["num_hidden_layers"] - 1},
                                            bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
@@ -211,9 +215,10 @@ def parity_pipeline(comfyui: str, flavour: str = "sd1"):
     return pipe
 
 
-def tiny_clip(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
+def tiny_clip(flavour: str = "sd1", dtype: torch.dtype = torch.float32, text_config: dict | None = None):
     """A comfy CLIP with a tiny CLIP-L-shaped text encoder (SD 1.x) or OpenCLIP-H-shaped one
-    read at the penultimate layer (SD 2.x), the real tokenizer, weights stored in `dtype`."""
+    read at the penultimate layer (SD 2.x), the real tokenizer, weights stored in `dtype`;
+    `text_config`: as hf_text_encoder's (not for "sdxl")."""
     import comfy.sd
     import comfy.sd1_clip
     from comfy import sdxl_clip
@@ -235,7 +240,7 @@ def tiny_clip(flavour: str = "sd1", dtype: torch.dtype = torch.float32):
         load(clip.cond_stage_model.clip_l, te1, small_l)
         load(clip.cond_stage_model.clip_g, te2, small_g)
         return clip
-    hf, small = hf_text_encoder(flavour)
+    hf, small = hf_text_encoder(flavour, text_config)
     if flavour == "sd2":
         target, name = ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel), "clip_h"
     else:

@@ -38,13 +38,21 @@ def pack():
             for name in ("nodes.comfy_backend", "nodes.comfy_internals", "dac_core.lora", "dac_core.backend")}
 
 
-def step(pack, flavour: str, stage: str, path: str, training_dtype: str = "fp32"):
+def circular(model):
+    """What seamless-tiling nodes do to a model: every convolution pads circularly."""
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.padding_mode = "circular"
+    return model
+
+
+def step(pack, flavour: str, stage: str, path: str, training_dtype: str = "fp32", edit_model=lambda m: m):
     """One loss and backward of Abduction-1 (U trains, per-sample strengths 1.0 / 0.6) or
     Abduction-2 (U frozen at 0.9 / 0.6, Delta trains) on a batch of two; returns the losses,
     the trained LoRA's gradients and the paths the layers took."""
     cb, lora, names = pack["nodes.comfy_backend"], pack["dac_core.lora"], pack["dac_core.backend"]
     with torch.inference_mode():  # as ComfyUI runs a node
-        backend = cb.ComfyBackend(comfy_tiny.tiny_model(flavour), comfy_tiny.tiny_clip(flavour),
+        backend = cb.ComfyBackend(edit_model(comfy_tiny.tiny_model(flavour)), comfy_tiny.tiny_clip(flavour),
                                   training_dtype=training_dtype, lora_path=path)
     g = torch.Generator().manual_seed(0)
     u = lora.fresh_lora(backend.lora_shapes(names.UNET), 16, g)
@@ -92,6 +100,40 @@ def test_both_paths_give_the_same_loss_and_lora_gradients(pack, flavour, stage):
         assert auto[2] == {"weight", "activation"}
     compare(activation, weight, LOSS_TOLERANCE, GRAD_TOLERANCE)
     compare(auto, weight, LOSS_TOLERANCE, GRAD_TOLERANCE)
+
+
+def test_convolutions_the_activation_path_cannot_compute_go_through_the_weights(pack):
+    """A convolution padded other than with zeros (here circularly, as seamless-tiling nodes
+    set it) keeps its LoRA in the weights even when the activation path is forced, so the
+    LoRA sees the padding the layer uses: the same loss and gradients as the weight path, and
+    not those of the model padded with zeros."""
+    weight, activation = (step(pack, "sd1", "abduction1", path, edit_model=circular)
+                          for path in ("weight", "activation"))
+    compare(activation, weight, LOSS_TOLERANCE, GRAD_TOLERANCE)
+    zeros = step(pack, "sd1", "abduction1", "weight")
+    assert float(((zeros[0] - weight[0]).abs() / weight[0].abs()).max()) > 100 * LOSS_TOLERANCE
+
+
+def test_abduction2_keeps_no_merged_unet_weight_for_the_backward_pass(pack):
+    """U is frozen in Abduction-2: the weight path forms W + gamma * dU again in the backward
+    pass instead of keeping it (as large as the layer's weight; 3.2 GB at SD 2.1 size), and
+    gives the same gradients (test above). Counted: tensors autograd saves that are shaped
+    like the UNet's LoRA'd convolution weights, with ComfyUI's wrappers alone as control
+    (the tiny UNet's LoRA'd layers take both paths here)."""
+    shapes = {tuple(m.weight.shape) for m in comfy_tiny.tiny_model("sd1").model.diffusion_model.modules()
+              if isinstance(m, torch.nn.Conv2d) and min(m.weight.shape[:2]) > 4}  # not conv_in/out: no LoRA
+    saved = {}
+    for path in ("weight", "auto"):
+        kept = saved[path] = []
+
+        def pack_hook(t, kept=kept):
+            if tuple(t.shape) in shapes:
+                kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            step(pack, "sd1", "abduction2", path)
+    assert len(saved["weight"]) >= len(shapes) and saved["auto"] == []
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

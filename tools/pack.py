@@ -13,15 +13,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "dac_pack"  # the package name the repository is imported under
 
 
-def import_pack():
-    """The repository as package `dac_pack` (imported once; the root __init__.py is cheap)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
+def import_pack(root: str = ROOT, name: str = PACK):
+    """The pack at `root` (this repository by default) as ComfyUI imports it, a package named
+    `name` (imported once; the root __init__.py is cheap)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
         module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules[PACK]
+    return sys.modules[name]
 
 
 def node_spec():
