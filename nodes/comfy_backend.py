@@ -147,13 +147,14 @@ class LoRAWrapper(torch.nn.Module):
         return self.passive_memory_usage()
 
 
-class _FrozenThroughWeights(torch.autograd.Function):
-    """The base forward of a layer whose LoRAs are all frozen (U in Abduction-2: those
-    through the weights in it, those on the activations added after), differentiable in its
-    input only. It runs as ComfyUI runs the layer, without keeping the weight it computed
-    with (W + gamma * dU: as large as the layer's weight) for the backward pass, which forms
-    it again (ComfyUI's cast, the wrappers applied) for the input's gradient. Autograd would
-    keep every one: the size of the adapted weights (3.2 GB at SD 2.1 size, float32)."""
+class _InputGradOnly(torch.autograd.Function):
+    """The base forward of a LoRA'd layer whose weight needs no gradient (its LoRAs frozen,
+    or trained on the activations: U in Abduction-2, SD's deep layers in Abduction-1),
+    differentiable in its input only. It runs as ComfyUI runs the layer, without keeping the
+    weight it computed with (a copy of W, or W + gamma * dU: as large as the layer's weight)
+    for the backward pass, which forms it again (ComfyUI's cast, the wrappers applied at the
+    call's own strengths) for the input's gradient. Autograd would keep one for every layer:
+    the size of the adapted weights (3.2 GB at SD 2.1 size, float32)."""
 
     @staticmethod
     def forward(ctx, x, patch, separate, args, kwargs):
@@ -207,11 +208,14 @@ class LayerLoRAs:
         # ComfyUI's own LoRA loader merges them (see the module's docstring)
         return torch.is_grad_enabled() and not weight_path_cheaper(self.layer, x, w.rank, w.trains())
 
-    def _all_frozen(self) -> bool:
-        """Every weight function of the layer is a frozen, cached LoRA of this backend (none
-        trains, nothing unknown that might), so the layer needs no weight gradient."""
+    def _input_grad_only(self, separate: list[LoRAWrapper]) -> bool:
+        """Every weight function of the layer is a LoRA of this backend that gives the weight
+        no gradient (frozen, on the activations for this call, or at strength 0), nothing
+        unknown that might need one."""
         functions = internals.weight_functions(self.layer)
-        return bool(functions) and all(isinstance(f, LoRAWrapper) and f.cache and not f.trains() for f in functions)
+        return bool(functions) and all(
+            isinstance(f, LoRAWrapper) and (not f.trains() or f in separate or f.strength.value == 0)
+            for f in functions)
 
     def base(self, x: torch.Tensor, separate: list[LoRAWrapper], args, kwargs) -> torch.Tensor:
         """The layer's own forward, the `separate` LoRAs left out of its weight."""
@@ -227,8 +231,8 @@ class LayerLoRAs:
         active = [w for w in self.wrappers if w.strength.value != 0]
         separate = [w for w in active if self._on_activations(w, x)]
         self.last_paths = ["activation" if w in separate else "weight" for w in active]
-        if x.requires_grad and torch.is_grad_enabled() and self._all_frozen():
-            y = _FrozenThroughWeights.apply(x, self, separate, args, kwargs)
+        if x.requires_grad and torch.is_grad_enabled() and self._input_grad_only(separate):
+            y = _InputGradOnly.apply(x, self, separate, args, kwargs)
         else:
             y = self.base(x, separate, args, kwargs)
         if not separate:

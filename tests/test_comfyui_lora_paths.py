@@ -114,17 +114,20 @@ def test_convolutions_the_activation_path_cannot_compute_go_through_the_weights(
     assert float(((zeros[0] - weight[0]).abs() / weight[0].abs()).max()) > 100 * LOSS_TOLERANCE
 
 
-def test_abduction2_keeps_no_merged_unet_weight_for_the_backward_pass(pack):
-    """U is frozen in Abduction-2: the weight path forms W + gamma * dU again in the backward
-    pass instead of keeping it (as large as the layer's weight; 3.2 GB at SD 2.1 size), and
-    gives the same gradients (test above). Counted: tensors autograd saves that are shaped
-    like the UNet's LoRA'd convolution weights, with ComfyUI's wrappers alone as control
-    (the tiny UNet's LoRA'd layers take both paths here)."""
+@pytest.mark.parametrize("stage, path", [("abduction2", "auto"), ("abduction1", "activation")])
+def test_layers_whose_weight_needs_no_gradient_keep_no_weight_for_the_backward_pass(pack, stage, path):
+    """A LoRA'd layer whose weight gets no gradient (U frozen in Abduction-2, whichever path
+    each layer takes; U trained on the activations in Abduction-1) forms the weight it
+    computed with (W + gamma * dU, or the copy of W ComfyUI hands its wrappers) again in the
+    backward pass instead of keeping it: autograd would keep one as large as the layer's
+    weight for every layer (3.2 GB at SD 2.1 size). The same gradients: the tests above.
+    Counted: tensors autograd saves that are shaped like the UNet's LoRA'd convolution
+    weights, with ComfyUI's wrappers alone (the weight path) as control."""
     shapes = {tuple(m.weight.shape) for m in comfy_tiny.tiny_model("sd1").model.diffusion_model.modules()
               if isinstance(m, torch.nn.Conv2d) and min(m.weight.shape[:2]) > 4}  # not conv_in/out: no LoRA
     saved = {}
-    for path in ("weight", "auto"):
-        kept = saved[path] = []
+    for run in ("weight", path):
+        kept = saved[run] = []
 
         def pack_hook(t, kept=kept):
             if tuple(t.shape) in shapes:
@@ -132,8 +135,9 @@ def test_abduction2_keeps_no_merged_unet_weight_for_the_backward_pass(pack):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-            step(pack, "sd1", "abduction2", path)
-    assert len(saved["weight"]) >= len(shapes) and saved["auto"] == []
+            paths = step(pack, "sd1", stage, run)[2]
+    assert len(saved["weight"]) >= len(shapes) and saved[path] == []
+    assert "activation" in paths  # the tiny UNet's frozen U takes both paths in Abduction-2
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
