@@ -40,7 +40,10 @@ the same operations (at rank 512 the cost model picks that path on every SD laye
 small time-embedding projections then anyway). While the UNet LoRA is frozen (U in
 Abduction-2 and in sampling) its up @ down is formed once and kept, in the dtype of the
 weight it is added to (as large as the layer's weight), so the weight path costs one add
-per call. `lora_path` forces one path for every LoRA ("weight": no forward patches).
+per call, into the copy of W that ComfyUI hands the wrappers. A layer whose weight needs no
+gradient (its LoRAs frozen or on the activations) does not keep the weight it computed with
+for the backward pass: `_InputGradOnly` forms it again there. `lora_path` forces one path
+for every LoRA ("weight": no forward patches, ComfyUI's wrappers alone).
 
 The input MODEL and CLIP are cloned first; nothing is attached to them.
 """
@@ -170,8 +173,8 @@ class _InputGradOnly(torch.autograd.Function):
         try:
             for s, value in ctx.strengths:
                 s.value = value
-            for w in ctx.separate:
-                w.on_activations = True
+            for f in ctx.separate:
+                f.on_activations = True
             with torch.no_grad():
                 # the weight in the dtype the forward computed in (the output's, under autocast too)
                 w = internals.layer_weight(layer, grad.new_empty(0, dtype=ctx.x_dtype)).to(grad.dtype)
