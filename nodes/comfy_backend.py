@@ -50,6 +50,8 @@ The input MODEL and CLIP are cloned first; nothing is attached to them.
 
 from __future__ import annotations
 
+import contextlib
+
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
@@ -150,6 +152,31 @@ class LoRAWrapper(torch.nn.Module):
         return self.passive_memory_usage()
 
 
+@contextlib.contextmanager
+def _left_out(wrappers: list[LoRAWrapper]):
+    """The wrappers pass the weight through (their LoRAs go on the activations)."""
+    for w in wrappers:
+        w.on_activations = True
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w.on_activations = False
+
+
+@contextlib.contextmanager
+def _strengths_at(values: list[tuple[Strength, float]]):
+    """Each Strength at the value given, then back at its own."""
+    now = [(s, s.value) for s, _ in values]
+    try:
+        for s, value in values:
+            s.value = value
+        yield
+    finally:
+        for s, value in now:
+            s.value = value
+
+
 class _InputGradOnly(torch.autograd.Function):
     """The base forward of a LoRA'd layer whose weight needs no gradient (its LoRAs frozen,
     or trained on the activations: U in Abduction-2, SD's deep layers in Abduction-1),
@@ -169,20 +196,9 @@ class _InputGradOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layer = ctx.patch.layer
-        now = [(s, s.value) for s, _ in ctx.strengths]
-        try:
-            for s, value in ctx.strengths:
-                s.value = value
-            for f in ctx.separate:
-                f.on_activations = True
-            with torch.no_grad():
-                # the weight in the dtype the forward computed in (the output's, under autocast too)
-                w = internals.layer_weight(layer, grad.new_empty(0, dtype=ctx.x_dtype)).to(grad.dtype)
-        finally:
-            for s, value in now:
-                s.value = value
-            for f in ctx.separate:
-                f.on_activations = False
+        with _strengths_at(ctx.strengths), _left_out(ctx.separate), torch.no_grad():
+            # the weight in the dtype the forward computed in (the output's, under autocast too)
+            w = internals.layer_weight(layer, grad.new_empty(0, dtype=ctx.x_dtype)).to(grad.dtype)
         with torch.no_grad():
             if isinstance(layer, torch.nn.Linear):
                 dx = grad @ w
@@ -222,13 +238,8 @@ class LayerLoRAs:
 
     def base(self, x: torch.Tensor, separate: list[LoRAWrapper], args, kwargs) -> torch.Tensor:
         """The layer's own forward, the `separate` LoRAs left out of its weight."""
-        for w in separate:
-            w.on_activations = True
-        try:
+        with _left_out(separate):
             return self.original(x, *args, **kwargs)
-        finally:
-            for w in separate:
-                w.on_activations = False
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = [w for w in self.wrappers if w.strength.value != 0]
@@ -449,7 +460,8 @@ class ComfyBackend(DACBackend):
 
     def _layer_patch(self, patcher, key: str) -> LayerLoRAs | None:
         """The forward patch of the layer holding weight `key` (made on first use; None for
-        lora_path "weight" or a layer that is not a Linear or Conv2d)."""
+        lora_path "weight" or a layer the activation path cannot compute: see
+        comfy_internals.lora_layer)."""
         if self.lora_path == "weight":
             return None
         if (id(patcher), key) not in self._layers:
